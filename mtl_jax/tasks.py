@@ -18,6 +18,8 @@ import dataclasses
 
 import numpy as np
 
+from mtl_jax import ConfigError
+
 IGNORE_INDEX = 255
 CONVENTIONS = ('mlore', 'mtlora')
 
@@ -85,29 +87,31 @@ def num_outputs(name: str, dataset: str, convention: str = 'mlore') -> int:
 
 
 def get_tasks(names, dataset: str, convention: str = 'mlore') -> dict[str, Task]:
-  """Tasks in the order given. Raises ValueError naming the fix for unknown inputs."""
+  """Tasks in the order given. Raises ConfigError naming the fix for unknown inputs."""
   if dataset not in DATASETS:
-    raise ValueError(f'unknown dataset {dataset!r}; known: {", ".join(DATASETS)} '
+    raise ConfigError(f'unknown dataset {dataset!r}; known: {", ".join(DATASETS)} '
                      '(set --config.dataset.name)')
   if convention not in CONVENTIONS:
-    raise ValueError(f'unknown convention {convention!r}; known: {", ".join(CONVENTIONS)} '
+    raise ConfigError(f'unknown convention {convention!r}; known: {", ".join(CONVENTIONS)} '
                      '(set --config.convention)')
   if isinstance(names, str):
     names = [n for n in names.split(',') if n]
   if not names:
-    raise ValueError('config.tasks is empty; list at least one task (e.g. --config.tasks=semseg)')
+    raise ConfigError('config.tasks is empty; list at least one task (e.g. --config.tasks=semseg)')
   info = DATASETS[dataset]
   tasks = {}
   for name in names:
     if name not in _KINDS:
-      raise ValueError(f'unknown task {name!r} in config.tasks; known tasks: '
+      raise ConfigError(f'unknown task {name!r} in config.tasks; known tasks: '
                        f'{", ".join(TASK_NAMES)} (fix --config.tasks)')
     if name not in info.tasks:
-      raise ValueError(f'task {name!r} is not labelled in dataset {dataset!r}, which has '
+      raise ConfigError(f'task {name!r} is not labelled in dataset {dataset!r}, which has '
                        f'{", ".join(info.tasks)} (fix --config.tasks)')
     if name in tasks:
-      raise ValueError(f'task {name!r} is listed twice in config.tasks')
+      raise ConfigError(f'task {name!r} is listed twice in config.tasks')
     kind, channels, dtype, pad, metric, higher = _KINDS[name]
+    if name == 'sal' and convention == 'mtlora':
+      metric = 'miou'  # MTLoRA's tables and Δm use the per-image saliency mIoU (mtlora.md §9)
     n_out = num_outputs(name, dataset, convention)
     tasks[name] = Task(name=name, kind=kind, num_outputs=n_out, label_channels=channels,
                        label_dtype=dtype, pad_value=pad, main_metric=metric,
@@ -153,6 +157,7 @@ def render(task: Task, pred: np.ndarray, *, is_label: bool = False,
   if task.kind == 'segmentation':
     ids = pred[..., 0].astype(np.int64) if is_label else pred.argmax(-1)
     out = _palette(256)[np.clip(ids, 0, 255)]
+    out[ids == IGNORE_INDEX] = 0
     return out
   if task.kind in ('saliency', 'edge'):
     if is_label:

@@ -19,3 +19,41 @@ if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()
 
 FIXTURES = os.path.join(ROOT, 'tests', 'fixtures')
+
+import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
+
+@pytest.fixture(scope='session')
+def tfds_dir(tmp_path_factory):
+  """A TFDS data dir with synthetic_scenes/tiny (8 + 4 images) and /ci (512 + 96), built once."""
+  import data_builders.synthetic_scenes  # pylint: disable=g-import-not-at-top,unused-import
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  data_dir = tmp_path_factory.mktemp('tfds')
+  for name in ('tiny', 'ci'):
+    tfds.builder(f'synthetic_scenes/{name}', data_dir=data_dir).download_and_prepare()
+  return str(data_dir)
+
+
+def smoke_config(tfds_dir, **overrides):
+  """configs/demo.py:smoke on the 8-image `tiny` dataset (24x32)."""
+  from configs import demo  # pylint: disable=g-import-not-at-top
+  c = demo.get_config('smoke')
+  c.dataset.update(name='synthetic_scenes/tiny', data_dir=tfds_dir, build_if_missing=False)
+  c.input.crop_size = (24, 32)
+  c.update(overrides)
+  return c
+
+
+def launch_args(workdir, tfds_dir, *extra):
+  return [sys.executable, 'launch.py', '--config=configs/demo.py:smoke', f'--workdir={workdir}',
+          '--config.dataset.name=synthetic_scenes/tiny', f'--config.dataset.data_dir={tfds_dir}',
+          '--config.input.crop_size=(24, 32)', *extra]
+
+
+def launch_env(num_devices=2):
+  """Environment of a launch.py subprocess with `num_devices` simulated CPU devices."""
+  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={num_devices}',
+             JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1')
+  return env
+
+

@@ -1,0 +1,85 @@
+"""Shared defaults of every mtl_jax config (the keys every trainer component reads).
+
+A config file defines `get_config(arg=None)` returning this dict updated for one experiment;
+`arg` is the text after ':' in `--config=configs/x.py:arg`, parsed by `parse_arg`
+(e.g. `configs/demo.py:smoke`, `configs/mlore_pascal.py:vit=B,smoke`). Any key can then be
+overridden on the command line: `--config.total_steps=100 --config.optimizer.learning_rate=1e-4`.
+Unknown keys are rejected.
+"""
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """'a=1,smoke' -> {a: 1, smoke: True} with types taken from `defaults` (big_vision style)."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, _, value = item.partition('=')
+    if key not in defaults:
+      raise ValueError(f'unknown config arg {key!r}; known: {", ".join(defaults)}')
+    default = defaults[key]
+    if not value:  # bare flag
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ('1', 'true', 'yes')
+    else:
+      out[key] = type(default)(value) if default is not None else value
+  return out
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """Defaults; experiment configs override what they need."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 1000
+  c.batch_size = 8  # global, over all processes and devices
+  c.eval_batch_size = 0  # 0 = batch_size
+  c.log_every_steps = 50
+  c.eval_every_steps = 500
+  c.eval_at_start = True  # an eval at step 0, the baseline every later eval is compared with
+  c.checkpoint_every_steps = 500
+  c.keep_checkpoints = 2
+  c.num_eval_images = 4  # examples drawn in the prediction grid at every eval
+  c.init_from = ''  # weights-only start: a checkpoint dir (see mtl_jax/checkpoint.py)
+
+  # Tasks (mtl_jax/tasks.py) as a comma-separated list, and the reference convention.
+  c.tasks = 'semseg,human_parts,sal,normals,edge'
+  c.convention = 'mlore'  # 'mlore' | 'mtlora': saliency channels, loss and metric variants
+  c.loss_weights = ml_collections.ConfigDict(  # specs/mlore.md §4 (PASCAL) + NYUD depth
+      dict(semseg=1.0, human_parts=2.0, sal=5.0, normals=10.0, edge=50.0, depth=1.0))
+  c.edge_w = 0.95  # positive-class weight of the edge BCE (loss and eval proxy)
+  c.load_balancing_weight = 0.0  # MLoRE's L_cv weight (only models that return gates)
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'synthetic_scenes/small'  # TFDS name[/builder config]
+  c.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: TFDS default
+  c.dataset.train_split = 'train'
+  c.dataset.eval_split = 'validation'
+  c.dataset.build_if_missing = False  # only sensible for procedural datasets
+
+  c.input = ml_collections.ConfigDict()
+  c.input.crop_size = (512, 512)  # (H, W): train crop = eval pad size (specs/mlore.md §1)
+  c.input.scale_range = (0.5, 2.0)
+  c.input.cat_max_ratio = 0.75
+  c.input.flip = True
+  c.input.photometric = True
+  c.input.num_workers = 0  # grain worker processes (0 = in-process)
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = 'vit_baseline'
+  c.model.dtype = 'float32'  # computation dtype; 'bfloat16' on accelerators
+  c.model.backbone = ml_collections.ConfigDict(dict(
+      variant='S/16', patch_size=0, embed_dim=0, depth=0, num_heads=0, taps=(),
+      drop_path_rate=0.15))
+  c.model.decoder = ml_collections.ConfigDict(dict(channels=192, upsample=4))
+
+  c.frozen = ()  # regexes over parameter paths that are not trained
+  c.optimizer = ml_collections.ConfigDict(dict(
+      name='adam', learning_rate=2e-5, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-6,
+      grad_clip_norm=10.0, decay_1d=True, no_decay=()))
+  c.schedule = ml_collections.ConfigDict(dict(
+      name='poly', power=0.9, warmup_steps=0, warmup_lr=0.0, min_lr=0.0))
+
+  c.mesh = (('data', -1),)  # (axis, size); -1 = the remaining devices
+  c.param_sharding = (('.*', 'replicate'),)  # (regex over param paths, spec); see sharding.py
+  return c

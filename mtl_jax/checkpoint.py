@@ -1,0 +1,122 @@
+"""Orbax checkpoints: train state + grain iterator state + config, and weights-only loading.
+
+A training checkpoint is a composite Orbax step directory ``WORKDIR/checkpoints/<step>/`` with the
+items ``state`` (a dict ``{step, params, frozen, batch_stats, opt_state}`` of arrays, saved
+sharded), ``data`` (the grain iterator position) and ``config`` (JSON). Saves are asynchronous and
+atomic (an interrupted save leaves a temporary directory that Orbax ignores, specs/stack.md §6).
+
+A weights checkpoint (written by converters, read by ``config.init_from``) uses the same layout
+with only ``state = {params, batch_stats}``; `load_weights` also accepts training checkpoints, a
+workdir or a checkpoints directory (latest step).
+"""
+
+from typing import Any
+
+from absl import logging
+from etils import epath
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+STATE, DATA, CONFIG = 'state', 'data', 'config'
+
+
+class Checkpointer:
+  """Keeps the last `max_to_keep` training checkpoints of one workdir."""
+
+  def __init__(self, directory, *, max_to_keep: int = 2, async_save: bool = True):
+    self.directory = epath.Path(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True),
+        item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                       DATA: grain.checkpoint.CheckpointHandler(),
+                       CONFIG: ocp.JsonCheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, state: dict[str, Any], data_iter, config: dict[str, Any]) -> None:
+    """Starts an asynchronous save of `state`, the iterator position and the config."""
+    self._manager.save(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardSave(state),
+        DATA: grain.checkpoint.CheckpointSave(data_iter),
+        CONFIG: ocp.args.JsonSave(config)}), force=True)
+
+  def restore(self, step: int, abstract_state, data_iter):
+    """Restores `step` onto the shardings of `abstract_state`; sets `data_iter`'s position."""
+    restored = self._manager.restore(step, args=ocp.args.Composite(**{
+        STATE: ocp.args.StandardRestore(abstract_state),
+        DATA: grain.checkpoint.CheckpointRestore(data_iter)}))
+    return restored[STATE]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def latest_step(directory) -> int | None:
+  """The newest finished checkpoint step in `directory` (None if there is none or no directory)."""
+  directory = epath.Path(directory)
+  steps = ocp.utils.checkpoint_steps(directory) if directory.is_dir() else []
+  return max(steps) if steps else None
+
+
+def save_weights(directory, params: dict, batch_stats: dict,
+                 metadata: dict[str, Any] | None = None) -> epath.Path:
+  """Writes a weights-only checkpoint (step 0) for `config.init_from`; returns its step dir."""
+  manager = ocp.CheckpointManager(
+      epath.Path(directory), options=ocp.CheckpointManagerOptions(create=True),
+      item_handlers={STATE: ocp.StandardCheckpointHandler(),
+                     CONFIG: ocp.JsonCheckpointHandler()})
+  manager.save(0, args=ocp.args.Composite(**{
+      STATE: ocp.args.StandardSave({'params': params, 'batch_stats': batch_stats}),
+      CONFIG: ocp.args.JsonSave(metadata or {})}))
+  manager.wait_until_finished()
+  manager.close()
+  return epath.Path(directory) / '0'
+
+
+def _state_item_dir(path) -> epath.Path:
+  path = epath.Path(path)
+  if (path / STATE).is_dir():
+    return path / STATE
+  if (path / 'checkpoints').is_dir():
+    path = path / 'checkpoints'
+  step = latest_step(path)
+  if step is None:
+    raise FileNotFoundError(f'no finished checkpoint in {str(path)!r} (config.init_from); give a '
+                            'workdir, a checkpoints directory or one of its step directories')
+  return path / str(step) / STATE
+
+
+def load_weights(path) -> tuple[dict, dict]:
+  """Reads (params, batch_stats) as host numpy trees from any checkpoint `path`.
+
+  For training checkpoints the frozen parameters are merged back into `params`.
+  """
+  item_dir = _state_item_dir(path)
+  checkpointer = ocp.PyTreeCheckpointer()
+  metadata = checkpointer.metadata(item_dir).item_metadata.tree
+  wanted = {k: metadata[k] for k in ('params', 'frozen', 'batch_stats') if k in metadata}
+  if 'params' not in wanted:
+    raise ValueError(f'{str(item_dir)!r} holds no "params" (keys: {sorted(metadata)})')
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+  restored = checkpointer.restore(
+      item_dir, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
+                                            partial_restore=True))
+  params = _merge(restored['params'], restored.get('frozen', {}))
+  logging.info('Loaded weights from %s', item_dir)
+  return params, restored.get('batch_stats', {})
+
+
+def _merge(a: dict, b: dict) -> dict:
+  """Deep union of two nested dicts with disjoint leaves."""
+  out = dict(a)
+  for k, v in b.items():
+    out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+  return out

@@ -1,0 +1,78 @@
+"""The multi-task model interface: backbone -> decoder -> per-task heads -> input resolution.
+
+Every model of mtl_jax is a `MultiTaskModel`:
+
+  backbone(images NHWC) -> list of feature maps
+  decoder(features)     -> ({task: feature map}, aux)
+  heads[task](map)      -> logits, bilinearly resized to the input size (specs/mlore.md §3.3)
+
+`aux` carries extras for the losses (MLoRE puts its router gates there). `FuseDecoder` is the
+decoder of the "ViT multi-task baseline": one map shared by all tasks.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from mtl_jax.models import layers
+
+
+class ConvHead(nnx.Module):
+  """3x3 conv C->C, BatchNorm, exact GELU, 1x1 conv C->K (specs/mlore.md §3.3, init §3.6).
+
+  Torch names: `mt_proj.0` = `conv`, `mt_proj.1` = `bn`, `linear_pred` = `linear_pred`.
+  """
+
+  def __init__(self, in_ch: int, num_outputs: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.conv = layers.conv(in_ch, in_ch, 3, kernel_init=layers.trunc_normal(0.02), dtype=dtype,
+                            rngs=rngs)
+    self.bn = layers.BatchNorm(in_ch)
+    self.linear_pred = layers.conv(in_ch, num_outputs, 1,
+                                   bias_init=jax.nn.initializers.normal(0.02), dtype=dtype,
+                                   rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.linear_pred(layers.gelu(self.bn(self.conv(x))))
+
+
+class FuseDecoder(nnx.Module):
+  """ViT multi-task baseline decoder: concat taps -> 1x1 conv to C -> x`upsample` bilinear.
+
+  The same (B, upsample * h, upsample * w, C) map goes to every task; aux is empty.
+  """
+
+  def __init__(self, in_channels: Sequence[int], channels: int, tasks: Sequence[str],
+               upsample: int = 1, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.tasks = tuple(tasks)
+    self.upsample = upsample
+    self.fuse = layers.conv(sum(in_channels), channels, 1, dtype=dtype, rngs=rngs)
+
+  def __call__(self, features: Sequence[jax.Array]) -> tuple[dict[str, jax.Array], dict]:
+    x = self.fuse(jnp.concatenate(features, axis=-1))
+    if self.upsample != 1:
+      x = layers.resize_bilinear(x, (x.shape[1] * self.upsample, x.shape[2] * self.upsample))
+    return {task: x for task in self.tasks}, {}
+
+
+class MultiTaskModel(nnx.Module):
+  """backbone -> decoder -> heads; `__call__(images) -> (preds, aux)`.
+
+  images: (B, H, W, 3) normalised float. preds: {task: (B, H, W, K_task) float32 raw logits at
+  the input resolution}, one entry per head. aux: the decoder's extras.
+  """
+
+  def __init__(self, backbone: nnx.Module, decoder: nnx.Module, heads: dict[str, nnx.Module]):
+    self.backbone = backbone
+    self.decoder = decoder
+    self.heads = nnx.Dict(heads)
+
+  def __call__(self, images: jax.Array) -> tuple[dict[str, jax.Array], dict]:
+    size = images.shape[1:3]
+    task_features, aux = self.decoder(self.backbone(images))
+    preds = {}
+    for task, head in self.heads.items():
+      logits = head(task_features[task]).astype(jnp.float32)
+      preds[task] = layers.resize_bilinear(logits, size)
+    return preds, aux

@@ -1,0 +1,189 @@
+"""The MLoRE ViT backbone: timm-style ViT without class token, 4 NHWC taps (specs/mlore.md §2).
+
+- Patch embedding: p x p conv, stride p, with bias; tokens row-major (index y * w + x).
+- `pos_embed` has N + 1 rows (row 0 is a vestigial class-token slot kept for weight loading);
+  the forward adds rows 1..N. There is no class token in the sequence.
+- Pre-norm blocks: x += DropPath(Attn(LN1(x))); x += DropPath(MLP(LN2(x))); LayerNorm eps 1e-6;
+  one qkv Linear split (3, heads, head_dim); exact GELU MLP with ratio 4; drop-path rate of
+  block i = drop_path_rate * i / (depth - 1).
+- Taps: the raw residual stream after the blocks in `taps` (1-indexed, not normed) plus the final
+  output after the final LayerNorm, each as a (B, h, w, D) map. Shipped configs tap 3 distinct
+  blocks; a block listed twice is returned twice (lets tiny test configs keep 4 maps).
+
+`dtype` is the computation dtype; parameters are always float32.
+"""
+
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mtl_jax.models import layers
+
+# specs/mlore.md §2. 'tiny/16' is the reduced ViT of the golden fixtures (§10), for tests/demos.
+VARIANTS = {
+    'tiny/16': dict(patch_size=16, embed_dim=48, depth=8, num_heads=3, taps=(2, 4, 6)),
+    'S/16': dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, taps=(3, 6, 9)),
+    'B/16': dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, taps=(3, 6, 9)),
+    'L/16': dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, taps=(6, 12, 18)),
+}
+
+
+def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+  """nn.Linear with timm ViT init: trunc_normal(.02) weight, zero bias (specs/mlore.md §3.6)."""
+  return nnx.Linear(din, dout, kernel_init=layers.trunc_normal(0.02),
+                    bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
+
+
+def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+
+
+class Attention(nnx.Module):
+  """Multi-head self-attention with a fused qkv projection (specs/mlore.md §2)."""
+
+  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f'embed_dim {dim} is not divisible by num_heads {num_heads}')
+    self.num_heads = num_heads
+    self.qkv = _linear(dim, 3 * dim, dtype, rngs)
+    self.proj = _linear(dim, dim, dtype, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, n, d = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim) each
+    # Softmax over keys of q k^T * head_dim^-0.5.
+    out = jax.nn.dot_product_attention(q, k, v)
+    return self.proj(out.reshape(b, n, d))
+
+
+class Mlp(nnx.Module):
+  """Linear D -> hidden, exact GELU, Linear hidden -> D."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    self.fc1 = _linear(dim, hidden, dtype, rngs)
+    self.fc2 = _linear(hidden, dim, dtype, rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.fc2(layers.gelu(self.fc1(x)))
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block with per-sample stochastic depth (timm DropPath)."""
+
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, *, dtype,
+               rngs: nnx.Rngs):
+    self.norm1 = _layer_norm(dim, dtype, rngs)
+    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
+    self.norm2 = _layer_norm(dim, dtype, rngs)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+    # One mask per sample (broadcast over tokens and channels), kept samples scaled by 1/keep.
+    self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = x + self.drop_path(self.attn(self.norm1(x)))
+    return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ViT(nnx.Module):
+  """ViT returning len(taps) + 1 feature maps (B, H/p, W/p, D) (specs/mlore.md §2).
+
+  Build a shipped variant with `ViT(img_size, **VARIANTS['L/16'], rngs=rngs)`.
+  """
+
+  def __init__(self, img_size: tuple[int, int], patch_size: int, embed_dim: int, depth: int,
+               num_heads: int, mlp_ratio: float = 4, taps: Sequence[int] = (3, 6, 9),
+               drop_path_rate: float = 0.15, dtype=jnp.float32, *, rngs: nnx.Rngs):
+    img_h, img_w = img_size
+    if img_h % patch_size or img_w % patch_size:
+      raise ValueError(f'img_size {tuple(img_size)} is not divisible by patch_size {patch_size}; '
+                       'set config.input.crop_size to a multiple of it')
+    taps = tuple(taps)
+    if list(taps) != sorted(taps) or not all(1 <= t < depth for t in taps):
+      raise ValueError(f'taps {taps} must be non-decreasing block numbers in [1, {depth - 1}] '
+                       '(1-indexed; the final block is always tapped after the final norm)')
+    self.grid = (img_h // patch_size, img_w // patch_size)
+    self.embed_dim = embed_dim
+    self.taps = taps
+    self.dtype = dtype
+    self.patch_embed = layers.conv(3, embed_dim, patch_size, stride=patch_size, dtype=dtype,
+                                   rngs=rngs)
+    num_patches = self.grid[0] * self.grid[1]
+    self.pos_embed = nnx.Param(
+        layers.trunc_normal(0.02)(rngs.params(), (1, num_patches + 1, embed_dim)))
+    self.blocks = nnx.List([
+        Block(embed_dim, num_heads, mlp_ratio, float(rate), dtype=dtype, rngs=rngs)
+        for rate in np.linspace(0.0, drop_path_rate, depth)])
+    self.norm = _layer_norm(embed_dim, dtype, rngs)
+
+  def __call__(self, images: jax.Array) -> list[jax.Array]:
+    """images (B, H, W, 3) -> [taps..., final normed] each (B, h, w, D)."""
+    x = self.patch_embed(images.astype(self.dtype))
+    b, h, w, d = x.shape
+    if (h, w) != self.grid:
+      raise ValueError(f'input {images.shape[1:3]} gives a {h}x{w} token grid, but the model was '
+                       f'built for {self.grid} (pos_embed size); resize or pad the input')
+    x = x.reshape(b, h * w, d) + self.pos_embed[:, 1:].astype(self.dtype)
+    features = []
+    for i, block in enumerate(self.blocks, start=1):
+      x = block(x)
+      features += [x] * self.taps.count(i)  # a repeated tap (tiny smoke configs) repeats x
+    features.append(self.norm(x))
+    return [f.reshape(b, h, w, d) for f in features]
+
+
+def vit_params_from_torch(state_dict: Mapping[str, np.ndarray], prefix: str = 'backbone.') -> dict:
+  """Torch ViT state dict -> nested pure dict of `nnx.state(vit, nnx.Param)` (specs/mlore.md §8).
+
+  Use with `nnx.replace_by_pure_dict(state, params)`. Sizes are read off the state dict
+  (`patch_embed.proj.weight`, `pos_embed`, number of `blocks.<i>`); every tensor's shape is checked
+  against them; values are cast to float32. Keys outside the ViT (decoder, heads) are ignored.
+  """
+  def get(key, shape=None):
+    full = prefix + key
+    if full not in state_dict:
+      raise KeyError(f'missing ViT weight {full!r} in the state dict (wrong prefix {prefix!r}?)')
+    value = np.asarray(state_dict[full], np.float32)
+    if shape is not None and value.shape != shape:
+      raise ValueError(f'{full}: shape {value.shape} does not match the expected {shape}')
+    return value
+
+  pe = get('patch_embed.proj.weight')
+  if pe.ndim != 4 or pe.shape[1] != 3 or pe.shape[2] != pe.shape[3]:
+    raise ValueError(f'{prefix}patch_embed.proj.weight: shape {pe.shape} is not (D, 3, p, p)')
+  d = pe.shape[0]
+  pos = get('pos_embed')
+  if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != d:
+    raise ValueError(f'{prefix}pos_embed: shape {pos.shape} is not (1, N + 1, {d})')
+  block_ids = {int(k[len(prefix + 'blocks.'):].split('.')[0])
+               for k in state_dict if k.startswith(prefix + 'blocks.')}
+  if not block_ids:
+    raise KeyError(f'missing ViT weights {prefix}blocks.0.* in the state dict')
+  depth, hidden = max(block_ids) + 1, 4 * d
+
+  def linear(key, din, dout):
+    return {'kernel': layers.linear_kernel_from_torch(get(key + '.weight', (dout, din))),
+            'bias': get(key + '.bias', (dout,))}
+
+  def norm(key):
+    return {'scale': get(key + '.weight', (d,)), 'bias': get(key + '.bias', (d,))}
+
+  blocks = {}
+  for i in range(depth):
+    k = f'blocks.{i}.'
+    blocks[i] = {  # a missing block i < depth raises in get()
+        'norm1': norm(k + 'norm1'),
+        'attn': {'qkv': linear(k + 'attn.qkv', d, 3 * d), 'proj': linear(k + 'attn.proj', d, d)},
+        'norm2': norm(k + 'norm2'),
+        'mlp': {'fc1': linear(k + 'mlp.fc1', d, hidden), 'fc2': linear(k + 'mlp.fc2', hidden, d)},
+    }
+  return {
+      'patch_embed': {'kernel': layers.conv_kernel_from_torch(pe),
+                      'bias': get('patch_embed.proj.bias', (d,))},
+      'pos_embed': pos,
+      'blocks': blocks,
+      'norm': norm('norm'),
+  }

@@ -1,0 +1,397 @@
+"""The trainer: sharded jitted train step, evaluation, Orbax checkpoints, clu reports.
+
+`train_and_evaluate(config, workdir)` runs (or resumes) a training job; `evaluate_checkpoint`
+evaluates the latest checkpoint of a workdir (or `config.init_from`). Everything that depends on
+user input is checked in `Trainer.__init__` before the workdir is touched, so bad input fails
+with one `ConfigError` line and no half-written output.
+
+Design (specs/anchors.md "What to copy"): the model is an NNX module split once into a static
+graph and pure-dict state; the train state `{step, params, frozen, batch_stats, opt_state}` lives
+on a `Mesh` from `config.mesh` with shardings from `config.param_sharding` rules, the batch is
+split over every mesh axis, and the step is `jax.jit` with explicit in/out shardings and the state
+donated. BatchNorm statistics are plain means over the global batch, i.e. SyncBN. Randomness
+(drop path, router noise) is re-seeded every step from (seed, step), so a resumed run draws the
+same numbers as an uninterrupted one and results do not depend on the device count.
+"""
+
+import dataclasses
+import functools
+import os
+import re
+import time
+from typing import Any
+
+from absl import logging
+from clu import parameter_overview
+from clu import periodic_actions
+from etils import epath
+import flax
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mtl_jax import ConfigError
+from mtl_jax import checkpoint
+from mtl_jax import input_pipeline
+from mtl_jax import losses
+from mtl_jax import metrics as metrics_lib
+from mtl_jax import models
+from mtl_jax import optim
+from mtl_jax import reporting
+from mtl_jax import sharding
+from mtl_jax import tasks as tasks_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: dict  # trainable parameters
+  frozen: dict  # parameters matched by config.frozen: never updated, no optimizer state
+  batch_stats: dict
+  opt_state: Any
+
+  def as_dict(self) -> dict[str, Any]:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def dataset_kind(config) -> str:
+  """Registry name of the configured dataset ('synthetic_scenes/small' -> 'synthetic_scenes')."""
+  return config.dataset.name.split('/')[0].split(':')[0]
+
+
+def validate_config(config, num_devices: int) -> dict[str, tasks_lib.Task]:
+  """Checks user-facing config values; returns the tasks. Raises ConfigError naming the fix."""
+  tasks = tasks_lib.get_tasks(config.tasks, dataset_kind(config), config.convention)
+  for name in tasks:
+    if name not in config.loss_weights:
+      raise ConfigError(f'no loss weight for task {name!r}; set --config.loss_weights.{name}=W')
+  for key in ('total_steps', 'batch_size', 'log_every_steps', 'eval_every_steps',
+              'checkpoint_every_steps'):
+    if int(config[key]) <= 0:
+      raise ConfigError(f'config.{key} must be positive, got {config[key]}')
+  for key in ('batch_size', 'eval_batch_size'):
+    if config[key] and config[key] % num_devices:
+      raise ConfigError(f'config.{key}={config[key]} is not divisible by the {num_devices} '
+                        f'devices of the mesh; use a multiple of {num_devices}')
+  return tasks
+
+
+def _frozen_filter(patterns):
+  compiled = [re.compile(p) for p in patterns]
+  return lambda path, _: any(p.search('/'.join(map(str, path))) for p in compiled)
+
+
+class Trainer:
+  """Model, optimizer, shardings and jitted steps of one configured job."""
+
+  def __init__(self, config, workdir, devices=None):
+    self.config, self.workdir = config, epath.Path(workdir)
+    try:
+      self.mesh = sharding.make_mesh(config.mesh, devices)
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
+    self.tasks = validate_config(config, self.mesh.size)
+    self.tx, self.schedule = optim.make_optimizer(config)
+    self.metrics_cls = metrics_lib.make_metrics(self.tasks, edge_w=config.edge_w)
+    # Data sources first: a dataset that is not built is a ConfigError.
+    self.train_source = input_pipeline.open_data_source(config.dataset, config.dataset.train_split)
+    self.eval_source = input_pipeline.open_data_source(config.dataset, config.dataset.eval_split)
+
+    frozen = _frozen_filter(tuple(config.frozen))
+    trainable = nnx.All(nnx.Param, nnx.Not(frozen))
+    self._build = functools.partial(models.build_model, config, self.tasks)
+    abstract = nnx.eval_shape(lambda: self._build(rngs=nnx.Rngs(config.seed)))
+    self._split_filters = (trainable, nnx.Param, nnx.BatchStat, ...)
+    abstract.train()
+    self.train_graph = nnx.graphdef(abstract)
+    abstract.eval()
+    self.eval_graph = nnx.graphdef(abstract)
+    self.rng_streams = sorted({s.tag for _, s in nnx.iter_graph(abstract)
+                               if isinstance(s, nnx.RngStream)})
+
+    self.abstract_state = jax.eval_shape(self._init_state)
+    self.state_sharding = sharding.tree_shardings(
+        self.abstract_state, tuple(config.param_sharding), self.mesh)
+    repl = sharding.replicated(self.mesh)
+    batch = sharding.batch_sharding(self.mesh)
+    self.rest = jax.jit(self._init_rest, out_shardings=repl)()
+    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, repl, batch),
+                              out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
+    self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding, repl, batch),
+                             out_shardings=repl)
+
+  # -- state ---------------------------------------------------------------------------------
+
+  def _split(self, model):
+    _, params, frozen, batch_stats, rest = nnx.split(model, *self._split_filters)
+    return params, frozen, batch_stats, rest
+
+  def _init_state(self) -> TrainState:
+    params, frozen, batch_stats, _ = self._split(self._build(rngs=nnx.Rngs(self.config.seed)))
+    params = nnx.to_pure_dict(params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      frozen=nnx.to_pure_dict(frozen), batch_stats=nnx.to_pure_dict(batch_stats),
+                      opt_state=self.tx.init(params))
+
+  def _init_rest(self):
+    """Non-parameter variables (RNG streams); values are re-seeded every step."""
+    return nnx.to_pure_dict(self._split(self._build(rngs=nnx.Rngs(self.config.seed)))[3])
+
+  def init_state(self) -> TrainState:
+    """Fresh state on the mesh, with `config.init_from` weights if given."""
+    state = jax.jit(self._init_state, out_shardings=self.state_sharding)()
+    if self.config.init_from:
+      state = self.load_weights(state, self.config.init_from)
+    return state
+
+  def load_weights(self, state: TrainState, path) -> TrainState:
+    """Overwrites parameters and BN statistics present in the checkpoint at `path`."""
+    params, batch_stats = checkpoint.load_weights(path)
+    flat_ckpt = {**_flatten(params, 'params'), **_flatten(batch_stats, 'batch_stats')}
+    current = state.as_dict()
+    loaded, skipped = 0, []
+
+    def replace(path, leaf):
+      nonlocal loaded
+      name = sharding.path_str(path)
+      key = re.sub(r'^frozen/', 'params/', name)
+      if key not in flat_ckpt:
+        skipped.append(name)
+        return leaf
+      value = flat_ckpt.pop(key)
+      if value.shape != leaf.shape:
+        raise ConfigError(f'config.init_from: {key} has shape {value.shape} in the checkpoint but '
+                          f'{leaf.shape} in the model; check the config matches the checkpoint')
+      loaded += 1
+      return jax.device_put(value.astype(leaf.dtype), leaf.sharding)
+
+    new = {k: (jax.tree_util.tree_map_with_path(
+        lambda p, x, k=k: replace((jax.tree_util.DictKey(k),) + p, x), v)
+               if k in ('params', 'frozen', 'batch_stats') else v) for k, v in current.items()}
+    if flat_ckpt:
+      raise ConfigError(f'config.init_from: {len(flat_ckpt)} checkpoint arrays have no place in '
+                        f'the model, e.g. {sorted(flat_ckpt)[:3]}; check the config')
+    logging.info('init_from %s: loaded %d arrays, %d kept at init%s', path, loaded, len(skipped),
+                 f' (e.g. {skipped[:3]})' if skipped else '')
+    return TrainState(**new)
+
+  # -- steps ---------------------------------------------------------------------------------
+
+  def _model(self, graph, state: TrainState, rest, params=None):
+    return nnx.merge(graph, state.params if params is None else params, state.frozen,
+                     state.batch_stats, rest)
+
+  def _train_step(self, state: TrainState, rest, batch):
+    config = self.config
+    key = jax.random.fold_in(jax.random.key(config.seed), state.step)
+
+    def loss_fn(params):
+      model = self._model(self.train_graph, state, rest, params)
+      if self.rng_streams:
+        nnx.reseed(model, **{s: jax.random.fold_in(key, i) for i, s in enumerate(self.rng_streams)})
+      preds, aux = model(batch['image'])
+      total, per_task = losses.compute_losses(
+          self.tasks, preds, batch, convention=config.convention,
+          weights=dict(config.loss_weights), edge_w=config.edge_w, aux=aux,
+          load_balancing_weight=config.load_balancing_weight)
+      return total, (per_task, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
+
+    (loss, (per_task, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params)
+    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    scalars = {'loss': loss, 'grad_norm': optax.global_norm(grads),
+               'learning_rate': self.schedule(state.step),
+               **{f'{k}_loss': v for k, v in per_task.items()}}
+    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state), scalars
+
+  def _eval_step(self, state: TrainState, rest, batch):
+    preds, _ = self._model(self.eval_graph, state, rest)(batch['image'])
+    metric = self.metrics_cls.single_from_model_output(preds=preds, batch=batch)
+    n = self.config.num_eval_images
+    return metric, jax.tree.map(lambda p: p[:n], preds)
+
+  # -- evaluation ----------------------------------------------------------------------------
+
+  def evaluate(self, state: TrainState, eval_iter) -> tuple[dict[str, float], dict]:
+    """Metrics over the whole eval split and (first batch) inputs, labels and predictions."""
+    total, sample = None, None
+    for local in eval_iter:
+      metric, preds = self.eval_step(state, self.rest, sharding.global_batch(local, self.mesh))
+      metric = jax.tree.map(_widen, jax.device_get(metric))
+      total = metric if total is None else total.merge(metric)
+      if sample is None:
+        sample = {'batch': jax.tree.map(lambda x: x[:self.config.num_eval_images], local),
+                  'preds': jax.device_get(preds)}
+    return metrics_lib.flatten(total.compute()), sample
+
+  def prediction_grid(self, sample) -> np.ndarray:
+    """Rows = examples; columns = input, then label and prediction for every task."""
+    batch, preds = sample['batch'], sample['preds']
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    rows = []
+    for i in range(min(len(batch['image']), self.config.num_eval_images)):
+      if not batch['example_valid'][i]:
+        continue
+      row = [((batch['image'][i] * std + mean) * 255).clip(0, 255).astype(np.uint8)]
+      for name, task in self.tasks.items():
+        label = batch[name][i]
+        depth_range = None
+        if task.kind == 'depth':
+          valid = label[label > 0]
+          depth_range = (float(valid.min()), float(valid.max())) if valid.size else (0., 1.)
+        row.append(tasks_lib.render(task, label, is_label=True, depth_range=depth_range))
+        row.append(tasks_lib.render(task, preds[name][i], depth_range=depth_range))
+      rows.append(row)
+    return reporting.image_grid(rows)
+
+
+def _widen(x):
+  """Host-side accumulation dtype: int64 / float64 (per-batch device counts are 32-bit)."""
+  x = np.asarray(x)
+  if np.issubdtype(x.dtype, np.integer):
+    return x.astype(np.int64)
+  if np.issubdtype(x.dtype, np.floating):
+    return x.astype(np.float64)
+  return x
+
+
+def _flatten(tree: dict, prefix: str) -> dict[str, np.ndarray]:
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {f'{prefix}/{sharding.path_str(p)}': np.asarray(v) for p, v in flat}
+
+
+def _count(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def _log_parameters(state: TrainState, writer) -> None:
+  params = {'trainable': state.params, 'frozen': state.frozen}
+  logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params), include_stats=False))
+  groups = {}
+  for kind, tree in params.items():
+    for name, sub in tree.items():
+      groups[f'params/{kind}/{name}'] = _count(sub)
+  total, trainable = _count(params), _count(state.params)
+  for name, n in sorted(groups.items()):
+    logging.info('  %-40s %14s', name, f'{n:,}')
+  logging.info('Parameters: total=%s trainable=%s', f'{total:,}', f'{trainable:,}')
+  writer.write_scalars(0, {'params/total': total, 'params/trainable': trainable})
+
+
+def _write_eval(writer, step, trainer, metrics, sample, workdir) -> None:
+  writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+  grid = trainer.prediction_grid(sample)
+  writer.write_images(step, {'eval/predictions': grid[None]})
+  if jax.process_index() == 0:
+    reporting.save_png(epath.Path(workdir) / 'predictions' / f'step_{step:07d}.png', grid)
+  logging.info('eval @%d: %s', step, ', '.join(
+      f'{k}={v:.4g}' for k, v in metrics.items() if k.split('/')[-1] in _MAIN_METRICS))
+
+
+_MAIN_METRICS = ('miou', 'maxf', 'mean', 'rmse', 'loss', 'rmse_predict_mean')
+
+
+def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
+  """Trains (resuming from WORKDIR/checkpoints if present); returns the last eval metrics.
+
+  `devices` (default: all) restricts the mesh, e.g. for tests comparing device counts.
+  """
+  trainer = Trainer(config, workdir, devices)
+  workdir = trainer.workdir
+  train_iter = input_pipeline.make_train_iterator(config, trainer.tasks, source=trainer.train_source)
+  eval_iter, _ = input_pipeline.make_eval_iterator(
+      config, trainer.tasks, config.dataset.eval_split, source=trainer.eval_source)
+
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
+  ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', max_to_keep=config.keep_checkpoints)
+  writer = reporting.create_writer(workdir)
+
+  latest = ckpt.latest_step()
+  if latest is not None:
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            trainer.abstract_state, trainer.state_sharding)
+    state = TrainState(**ckpt.restore(latest, abstract.as_dict(), train_iter))
+    reporting.truncate_metrics(workdir, latest)
+    logging.info('Resumed from %s at step %d', ckpt.directory, latest)
+  else:
+    state = trainer.init_state()
+  _log_parameters(state, writer)
+
+  step, total = int(state.step), config.total_steps
+  eval_metrics = {}
+  if step == 0 and config.eval_at_start:
+    eval_metrics, sample = trainer.evaluate(state, eval_iter)
+    _write_eval(writer, 0, trainer, eval_metrics, sample, workdir)
+    writer.flush()
+
+  report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                           every_steps=config.log_every_steps, every_secs=None)
+  window, t0, window_start = [], time.perf_counter(), step
+  logging.info('Training steps %d..%d, global batch %d on %d devices (mesh %s)', step + 1, total,
+               config.batch_size, jax.device_count(), dict(trainer.mesh.shape))
+  while step < total:
+    batch = sharding.global_batch(next(train_iter), trainer.mesh)
+    state, scalars = trainer.train_step(state, trainer.rest, batch)
+    step += 1
+    window.append(scalars)
+    report(step)
+
+    if step % config.log_every_steps == 0 or step == total:
+      means = {k: float(np.mean(v)) for k, v in jax.device_get(
+          jax.tree.map(lambda *xs: jnp.stack(xs), *window)).items()}
+      if not np.isfinite(means['loss']):
+        raise FloatingPointError(f'training loss is {means["loss"]} at step {step}')
+      writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
+      dt = time.perf_counter() - t0
+      steps_per_sec = (step - window_start) / max(dt, 1e-9)
+      eta = (total - step) / max(steps_per_sec, 1e-9)
+      logging.info('step %d/%d | loss %.4f | %.2f steps/s | %.1f img/s | ETA %s', step, total,
+                   means['loss'], steps_per_sec, steps_per_sec * config.batch_size,
+                   time.strftime('%H:%M:%S', time.gmtime(eta)))
+      window = []
+
+    if step % config.eval_every_steps == 0 or step == total:
+      with report.timed('eval'):
+        eval_metrics, sample = trainer.evaluate(state, eval_iter)
+      _write_eval(writer, step, trainer, eval_metrics, sample, workdir)
+
+    if step % config.checkpoint_every_steps == 0 or step == total:
+      with report.timed('checkpoint'):
+        ckpt.save(step, state.as_dict(), train_iter, config.to_dict())
+    writer.flush()
+    if not window:  # restart the speed window after logging / eval / checkpointing
+      t0, window_start = time.perf_counter(), step
+
+  ckpt.wait()
+  ckpt.close()
+  writer.close()
+  return eval_metrics
+
+
+def evaluate_checkpoint(config, workdir) -> dict[str, float]:
+  """Evaluates WORKDIR's latest checkpoint, else `config.init_from`.
+
+  Writes the eval/* scalars to TensorBoard and WORKDIR/eval_metrics.jsonl (at the checkpoint's
+  step, 0 for init_from), and the prediction grid to WORKDIR/predictions/.
+  """
+  trainer = Trainer(config, workdir)
+  step = checkpoint.latest_step(trainer.workdir / 'checkpoints')
+  if step is None and not config.init_from:
+    raise ConfigError(f'no checkpoint in {os.fspath(trainer.workdir)} and no config.init_from; '
+                      'train first or pass --config.init_from=CHECKPOINT')
+  eval_iter, _ = input_pipeline.make_eval_iterator(
+      config, trainer.tasks, config.dataset.eval_split, source=trainer.eval_source)
+  state = jax.jit(trainer._init_state, out_shardings=trainer.state_sharding)()  # pylint: disable=protected-access
+  state = trainer.load_weights(state, trainer.workdir if step is not None else config.init_from)
+  writer = reporting.create_writer(trainer.workdir, jsonl=reporting.EVAL_METRICS_FILE)
+  metrics, sample = trainer.evaluate(state, eval_iter)
+  _write_eval(writer, step or 0, trainer, metrics, sample, trainer.workdir)
+  writer.close()
+  return metrics
