@@ -88,6 +88,8 @@ class Trainer:
 
   def __init__(self, config, workdir, devices=None):
     self.config, self.workdir = config, epath.Path(workdir)
+    if not self.workdir.is_absolute():  # Orbax needs absolute paths (gs:// ones are)
+      self.workdir = self.workdir.resolve()
     try:
       self.mesh = sharding.make_mesh(config.mesh, devices)
     except ValueError as e:
@@ -147,35 +149,33 @@ class Trainer:
     return state
 
   def load_weights(self, state: TrainState, path) -> TrainState:
-    """Overwrites parameters and BN statistics present in the checkpoint at `path`."""
+    """Overwrites the parameters and BN statistics present in the checkpoint at `path`."""
     params, batch_stats = checkpoint.load_weights(path)
-    flat_ckpt = {**_flatten(params, 'params'), **_flatten(batch_stats, 'batch_stats')}
-    current = state.as_dict()
-    loaded, skipped = 0, []
+    available = {**_flatten(params, 'params'), **_flatten(batch_stats, 'batch_stats')}
+    used, kept = set(), []
 
-    def replace(path, leaf):
-      nonlocal loaded
-      name = sharding.path_str(path)
-      key = re.sub(r'^frozen/', 'params/', name)
-      if key not in flat_ckpt:
-        skipped.append(name)
+    def replace(key_path, leaf):
+      name = sharding.path_str(key_path)
+      key = re.sub(r'^frozen/', 'params/', name)  # frozen or not is this config's choice
+      if key not in available:
+        kept.append(name)
         return leaf
-      value = flat_ckpt.pop(key)
+      value = available[key]
       if value.shape != leaf.shape:
         raise ConfigError(f'config.init_from: {key} has shape {value.shape} in the checkpoint but '
                           f'{leaf.shape} in the model; check the config matches the checkpoint')
-      loaded += 1
+      used.add(key)
       return jax.device_put(value.astype(leaf.dtype), leaf.sharding)
 
-    new = {k: (jax.tree_util.tree_map_with_path(
-        lambda p, x, k=k: replace((jax.tree_util.DictKey(k),) + p, x), v)
-               if k in ('params', 'frozen', 'batch_stats') else v) for k, v in current.items()}
-    if flat_ckpt:
-      raise ConfigError(f'config.init_from: {len(flat_ckpt)} checkpoint arrays have no place in '
-                        f'the model, e.g. {sorted(flat_ckpt)[:3]}; check the config')
-    logging.info('init_from %s: loaded %d arrays, %d kept at init%s', path, loaded, len(skipped),
-                 f' (e.g. {skipped[:3]})' if skipped else '')
-    return TrainState(**new)
+    weights = jax.tree_util.tree_map_with_path(
+        replace, {k: getattr(state, k) for k in ('params', 'frozen', 'batch_stats')})
+    unused = sorted(set(available) - used)
+    if unused:
+      raise ConfigError(f'config.init_from: {len(unused)} checkpoint arrays have no place in the '
+                        f'model, e.g. {unused[:3]}; check the config matches the checkpoint')
+    logging.info('Loaded %d arrays from %s; %d keep their initialisation%s', len(used), path,
+                 len(kept), f' (e.g. {kept[:3]})' if kept else '')
+    return state.replace(**weights)
 
   # -- steps ---------------------------------------------------------------------------------
 
@@ -268,7 +268,7 @@ def _count(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def _log_parameters(state: TrainState, writer) -> None:
+def _log_parameters(state: TrainState, writer, write_scalars: bool) -> None:
   params = {'trainable': state.params, 'frozen': state.frozen}
   logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
       jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params), include_stats=False))
@@ -280,7 +280,8 @@ def _log_parameters(state: TrainState, writer) -> None:
   for name, n in sorted(groups.items()):
     logging.info('  %-40s %14s', name, f'{n:,}')
   logging.info('Parameters: total=%s trainable=%s', f'{total:,}', f'{trainable:,}')
-  writer.write_scalars(0, {'params/total': total, 'params/trainable': trainable})
+  if write_scalars:
+    writer.write_scalars(0, {'params/total': total, 'params/trainable': trainable})
 
 
 def _write_eval(writer, step, trainer, metrics, sample, workdir) -> None:
@@ -322,7 +323,7 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
     logging.info('Resumed from %s at step %d', ckpt.directory, latest)
   else:
     state = trainer.init_state()
-  _log_parameters(state, writer)
+  _log_parameters(state, writer, write_scalars=latest is None)
 
   step, total = int(state.step), config.total_steps
   eval_metrics = {}

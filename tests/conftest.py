@@ -45,7 +45,9 @@ def smoke_config(tfds_dir, **overrides):
 
 
 def launch_args(workdir, tfds_dir, *extra):
-  return [sys.executable, 'launch.py', '--config=configs/demo.py:smoke', f'--workdir={workdir}',
+  """launch.py on configs/demo.py:smoke + `tiny`; absolute script/config paths, so any cwd works."""
+  return [sys.executable, os.path.join(ROOT, 'launch.py'),
+          f'--config={os.path.join(ROOT, "configs", "demo.py")}:smoke', f'--workdir={workdir}',
           '--config.dataset.name=synthetic_scenes/tiny', f'--config.dataset.data_dir={tfds_dir}',
           '--config.input.crop_size=(24, 32)', *extra]
 

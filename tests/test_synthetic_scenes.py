@@ -225,3 +225,14 @@ def test_build_and_read_without_tensorflow_is_bit_identical(tiny_dir, tmp_path):
     for i in range(len(ours)):
       for name in (*MAPS, 'id'):
         np.testing.assert_array_equal(ours[i][name], theirs[i][name], err_msg=f'{split} {i}')
+
+
+def test_tfds_build_command(tmp_path):
+  """`python -m data_builders.build` (TFDS's `tfds build`) writes array_record by default."""
+  subprocess.run([sys.executable, '-m', 'data_builders.build', 'data_builders/synthetic_scenes',
+                  '--config=tiny', f'--data_dir={tmp_path}'], cwd=ROOT, check=True,
+                 capture_output=True)
+  files = sorted(os.listdir(tmp_path / 'synthetic_scenes' / 'tiny' / '1.0.0'))
+  assert 'synthetic_scenes-train.array_record-00000-of-00001' in files
+  source = tfds.data_source('synthetic_scenes/tiny', split='validation', data_dir=tmp_path)
+  assert len(source) == 4

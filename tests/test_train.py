@@ -82,17 +82,16 @@ def _train_losses(workdir) -> dict[int, float]:
 
 
 def test_resume_after_sigkill_is_bit_exact(tfds_dir, tmp_path):
+  """Kill -9 after a checkpoint, rerun the same command: the later losses equal an uninterrupted
+  run's bit for bit. Runs from tmp_path with relative workdirs, as `--workdir=runs/demo` would."""
   extra = ('--config.total_steps=60', '--config.log_every_steps=1', '--config.eval_every_steps=30',
            '--config.checkpoint_every_steps=5')
-  env = launch_env()
-  straight = tmp_path / 'straight'
-  subprocess.run(launch_args(straight, tfds_dir, *extra), cwd=ROOT, env=env, check=True,
-                 capture_output=True)
+  run = dict(cwd=tmp_path, env=launch_env())
+  subprocess.run(launch_args('straight', tfds_dir, *extra), check=True, capture_output=True, **run)
 
   killed = tmp_path / 'killed'
-  args = launch_args(killed, tfds_dir, *extra)
-  proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  args = launch_args('killed', tfds_dir, *extra)
+  proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **run)
   deadline = time.time() + 300
   while not (killed / 'checkpoints' / '5').is_dir():
     assert proc.poll() is None and time.time() < deadline, 'run ended before its checkpoint'
@@ -103,15 +102,15 @@ def test_resume_after_sigkill_is_bit_exact(tfds_dir, tmp_path):
   killed_at = max(_train_losses(killed))
   assert 5 <= killed_at < 60
 
-  restarted = subprocess.run(args, cwd=ROOT, env=env, check=True, capture_output=True, text=True)
+  restarted = subprocess.run(args, check=True, capture_output=True, text=True, **run)
   resumed_from = int(re.search(r'Resumed from .* at step (\d+)', restarted.stderr).group(1))
   assert 5 <= resumed_from <= killed_at
-  want, got = _train_losses(straight), _train_losses(killed)
+  want, got = _train_losses(tmp_path / 'straight'), _train_losses(killed)
   assert sorted(got) == list(range(1, 61))
   for step in range(resumed_from + 1, 61):
     assert got[step] == want[step], (step, got[step], want[step])  # bit for bit
   final = lambda w: {k: v for k, v in reporting.read_metrics(w)[-1].items() if k.startswith('eval')}
-  assert final(killed) == final(straight)
+  assert final(killed) == final(tmp_path / 'straight')
 
 
 # -- sharding --------------------------------------------------------------------------------------
