@@ -141,12 +141,12 @@ class Trainer:
     """Non-parameter variables (RNG streams); values are re-seeded every step."""
     return nnx.to_pure_dict(self._split(self._build(rngs=nnx.Rngs(self.config.seed)))[3])
 
-  def init_state(self) -> TrainState:
-    """Fresh state on the mesh, with `config.init_from` weights if given."""
+  def init_state(self, weights=None) -> TrainState:
+    """Fresh state on the mesh, with the weights of checkpoint `weights` (default:
+    `config.init_from`, if set)."""
     state = jax.jit(self._init_state, out_shardings=self.state_sharding)()
-    if self.config.init_from:
-      state = self.load_weights(state, self.config.init_from)
-    return state
+    weights = weights or self.config.init_from
+    return self.load_weights(state, weights) if weights else state
 
   def load_weights(self, state: TrainState, path) -> TrainState:
     """Overwrites the parameters and BN statistics present in the checkpoint at `path`."""
@@ -389,8 +389,7 @@ def evaluate_checkpoint(config, workdir) -> dict[str, float]:
                       'train first or pass --config.init_from=CHECKPOINT')
   eval_iter, _ = input_pipeline.make_eval_iterator(
       config, trainer.tasks, config.dataset.eval_split, source=trainer.eval_source)
-  state = jax.jit(trainer._init_state, out_shardings=trainer.state_sharding)()  # pylint: disable=protected-access
-  state = trainer.load_weights(state, trainer.workdir if step is not None else config.init_from)
+  state = trainer.init_state(trainer.workdir if step is not None else config.init_from)
   writer = reporting.create_writer(trainer.workdir, jsonl=reporting.EVAL_METRICS_FILE)
   metrics, sample = trainer.evaluate(state, eval_iter)
   _write_eval(writer, step or 0, trainer, metrics, sample, trainer.workdir)
