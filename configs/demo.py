@@ -7,7 +7,7 @@ the TFDS data dir (~40 s on 2 cores). Run from the repository root:
 
 Runtime on a 2-core CPU (the project's CI machine kind, 2026-11-21): install ~75 s (no pip
 cache), dataset build ~30-40 s, 2500 steps of batch 16 at ~8 steps/s (~130 img/s) plus 6 evals:
-~5 min; FRESH_MIN min from a fresh machine in all. Model: ViT patch 8, width 64, depth 4 (8x10
+~5 min; 6.5 min from a fresh machine in all. Model: ViT patch 8, width 64, depth 4 (8x10
 tokens), 1x1 fuse of 4 taps to 32 channels, x2 upsample, one ConvHead per task; 282,323 parameters.
 
 Eval on the validation split, step 0 -> step 2500 (deterministic on CPU; README.md repeats these):

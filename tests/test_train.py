@@ -19,6 +19,7 @@ import pytest
 from configs import demo
 from conftest import ROOT, launch_args, launch_env, smoke_config
 from mtl_jax import checkpoint
+from mtl_jax import input_pipeline
 from mtl_jax import reporting
 from mtl_jax import sharding
 from mtl_jax import train
@@ -36,14 +37,14 @@ def test_shortened_demo_learns_every_task(tfds_dir, tmp_path):
   c.dataset.update(name='synthetic_scenes/ci', data_dir=tfds_dir, build_if_missing=False)
   c.input.crop_size = (32, 40)
   c.model.backbone.patch_size = 4  # keeps the token grid of the demo (8 x 10)
-  c.update(total_steps=300, log_every_steps=50, eval_every_steps=300, checkpoint_every_steps=300)
-  c.schedule.warmup_steps = 30
+  c.update(total_steps=600, log_every_steps=100, eval_every_steps=600, checkpoint_every_steps=600)
+  c.schedule.warmup_steps = 50
   final = train.train_and_evaluate(c, tmp_path)
   lines = reporting.read_metrics(tmp_path)
   first = next(l for l in lines if l['step'] == 0 and 'eval/semseg/miou' in l)
   for key, sign in CI_MAIN_METRICS.items():
     assert sign * (final[key] - first[f'eval/{key}']) > 0, (key, first[f'eval/{key}'], final[key])
-  # Trivial baselines, at 1/5 of the demo's steps: semseg >= 1.5x chance (the full demo: 3x),
+  # Trivial baselines, at 1/4 of the demo's steps: semseg >= 1.5x chance (the full demo: 3x),
   # normals < 35 deg (30), depth below predict-the-mean (0.5x); see configs/demo.py.
   assert final['semseg/miou'] >= 1.5 * 100 / 7, final
   assert final['normals/mean'] < 35, final
@@ -116,25 +117,29 @@ def test_resume_after_sigkill_is_bit_exact(tfds_dir, tmp_path):
 # -- sharding --------------------------------------------------------------------------------------
 
 def test_step_on_8_devices_equals_1_device(tfds_dir, tmp_path):
+  """Two train steps on an 8-device mesh and on 1 device: the same losses to 1e-5.
+
+  (Parameters are not compared: Adam's first updates are ~lr * sign(g), so a gradient component
+  within float noise of 0 may flip; every loss, the gradient norm and SyncBN statistics agree.)
+  """
   config = smoke_config(tfds_dir)
   results = []
   for devices in (jax.devices(), jax.devices()[:1]):
     trainer = train.Trainer(config, tmp_path, devices)
-    from mtl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
     batch = next(input_pipeline.make_train_iterator(config, trainer.tasks,
                                                     source=trainer.train_source))
-    state = trainer.init_state()
+    state, steps = trainer.init_state(), []
     for _ in range(2):
       state, scalars = trainer.train_step(state, trainer.rest,
                                           sharding.global_batch(batch, trainer.mesh))
-    results.append((jax.device_get(scalars), jax.device_get(state.params)))
+      steps.append(jax.device_get(scalars))
+    results.append((steps, jax.device_get(state.batch_stats)))
   assert trainer.mesh.size == 1 and len(jax.devices()) == 8
-  (s8, p8), (s1, p1) = results
-  for key in s1:
-    np.testing.assert_allclose(s8[key], s1[key], rtol=1e-5, err_msg=key)
-  # Adam divides by sqrt(v): for tiny gradients, float reassociation across devices moves the
-  # update by up to ~lr * 1e-2, so parameters are compared at that scale.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5), p8, p1)
+  (steps8, stats8), (steps1, stats1) = results
+  for s8, s1 in zip(steps8, steps1):
+    for key in s1:
+      np.testing.assert_allclose(s8[key], s1[key], rtol=1e-5, err_msg=key)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5), stats8, stats1)
 
 
 # -- bad input -------------------------------------------------------------------------------------
