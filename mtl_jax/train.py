@@ -78,7 +78,8 @@ def validate_config(config, num_devices: int) -> dict[str, tasks_lib.Task]:
   return tasks
 
 
-def _frozen_filter(patterns):
+def frozen_filter(patterns):
+  """nnx filter (path, value) -> True for parameters matched by a `config.frozen` regex."""
   compiled = [re.compile(p) for p in patterns]
   return lambda path, _: any(p.search('/'.join(map(str, path))) for p in compiled)
 
@@ -101,7 +102,7 @@ class Trainer:
     self.train_source = input_pipeline.open_data_source(config.dataset, config.dataset.train_split)
     self.eval_source = input_pipeline.open_data_source(config.dataset, config.dataset.eval_split)
 
-    frozen = _frozen_filter(tuple(config.frozen))
+    frozen = frozen_filter(tuple(config.frozen))
     trainable = nnx.All(nnx.Param, nnx.Not(frozen))
     self._build = functools.partial(models.build_model, config, self.tasks)
     abstract = nnx.eval_shape(lambda: self._build(rngs=nnx.Rngs(config.seed)))

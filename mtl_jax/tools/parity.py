@@ -1,0 +1,125 @@
+r"""Parity with the official PyTorch code: `python -m mtl_jax.tools.parity FIXTURE.npz [--tol T]`.
+
+A fixture (specs/mlore.md §10, specs/mtlora.md §10) holds the parameters of a reduced reference
+model as `param/<torch key>`, its `input` and golden arrays (`out/<task>`, intermediates) in torch
+layouts, with a `.json` sidecar describing the reduced config. This tool builds the matching
+mtl_jax model, converts every parameter, runs the eval-mode forward and prints, for every array it
+can compare, the max abs error and the max error relative to the array's max magnitude; it exits 1
+when any relative error exceeds `--tol` (default 1e-5).
+
+Model families plug in through three functions of their module (`mtl_jax/models/<family>.py`):
+
+* `config_from_reference(config, sidecar) -> config`: the mtl_jax config (model, tasks,
+  convention, dataset, input size) of the fixture's reduced reference config;
+* `params_from_torch(state_dict, config) -> {'params': ..., 'batch_stats': ...}` (pure dicts);
+* `reference_arrays(model, images_nchw, config) -> {fixture key: array in torch layout}`.
+"""
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import Mapping
+
+import numpy as np
+
+# Sidecar -> family module. MLoRE fixtures name the reference module, MTLoRA-family ones a kind.
+_FAMILIES = {
+    'mlore': 'mtl_jax.models.mlore',
+    'mtlora': 'mtl_jax.models.mtlora',
+}
+
+
+def family_of(sidecar: Mapping) -> str:
+  """'mlore' or 'mtlora' from a fixture sidecar."""
+  if str(sidecar.get('module', '')).lower().startswith('mlore'):
+    return 'mlore'
+  if sidecar.get('kind') in ('mtlora', 'mtlora_plus', 'swin'):
+    return 'mtlora'
+  raise ValueError(f'cannot tell the model family of this fixture (module={sidecar.get("module")!r}'
+                   f', kind={sidecar.get("kind")!r})')
+
+
+def load_fixture(path: str) -> tuple[dict[str, np.ndarray], dict]:
+  """(arrays, sidecar) of FIXTURE.npz and its FIXTURE.json."""
+  arrays = dict(np.load(path))
+  sidecar_path = os.path.splitext(path)[0] + '.json'
+  if not os.path.exists(sidecar_path):
+    raise FileNotFoundError(f'{sidecar_path} not found: the fixture needs its .json sidecar')
+  with open(sidecar_path) as f:
+    return arrays, json.load(f)
+
+
+def build_from_fixture(arrays: Mapping[str, np.ndarray], sidecar: Mapping):
+  """(model in eval mode with the fixture's parameters, config, family module)."""
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from configs import common  # pylint: disable=g-import-not-at-top
+  from mtl_jax import models  # pylint: disable=g-import-not-at-top
+  from mtl_jax import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
+
+  family = importlib.import_module(_FAMILIES[family_of(sidecar)])
+  config = family.config_from_reference(common.get_config(), sidecar)
+  tasks = tasks_lib.get_tasks(config.tasks, config.dataset.name.split('/')[0], config.convention)
+  state_dict = {k[len('param/'):]: v for k, v in arrays.items() if k.startswith('param/')}
+  weights = family.params_from_torch(state_dict, config)
+  model = nnx.eval_shape(lambda: models.build_model(config, tasks, rngs=nnx.Rngs(0)))
+  graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+  nnx.replace_by_pure_dict(params, weights['params'])
+  nnx.replace_by_pure_dict(batch_stats, weights['batch_stats'])
+  model = nnx.merge(graphdef, params, batch_stats, _concrete(rest))
+  model.eval()
+  return model, config, family
+
+
+def _concrete(rest):
+  """Non-parameter variables of an abstract model (RNG streams): real values (unused in eval)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.tree.map(lambda s: jax.random.key(0) if jax.dtypes.issubdtype(
+      s.dtype, jax.dtypes.prng_key) else np.zeros(s.shape, s.dtype), rest)
+
+
+def compare(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray]
+            ) -> list[tuple[str, float, float]]:
+  """(key, max abs error, max abs error / max |want|) for every key of `got` also in `want`."""
+  rows = []
+  for key in sorted(got):
+    if key not in want:
+      continue
+    a, b = np.asarray(got[key], np.float64), np.asarray(want[key], np.float64)
+    if a.shape != b.shape:
+      raise ValueError(f'{key}: shape {a.shape} != fixture shape {b.shape}')
+    err = float(np.max(np.abs(a - b))) if a.size else 0.0
+    rows.append((key, err, err / max(float(np.max(np.abs(b))), 1e-12)))
+  return rows
+
+
+def run(path: str, tol: float = 1e-5) -> list[tuple[str, float, float]]:
+  arrays, sidecar = load_fixture(path)
+  model, config, family = build_from_fixture(arrays, sidecar)
+  got = family.reference_arrays(model, arrays['input'], config)
+  rows = compare(got, arrays)
+  if not rows:
+    raise ValueError(f'{path}: no array of the fixture could be compared')
+  return rows
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('fixture', help='FIXTURE.npz (with FIXTURE.json beside it)')
+  parser.add_argument('--tol', type=float, default=1e-5,
+                      help='max error relative to each array\'s max magnitude (default 1e-5)')
+  args = parser.parse_args(argv)
+  rows = run(args.fixture, args.tol)
+  width = max(len(k) for k, _, _ in rows)
+  failed = [k for k, _, rel in rows if rel > args.tol]
+  print(f'{"array":<{width}}  {"max abs err":>12}  {"max rel err":>12}')
+  for key, err, rel in rows:
+    print(f'{key:<{width}}  {err:12.3e}  {rel:12.3e}{"  FAIL" if rel > args.tol else ""}')
+  print(f'{len(rows) - len(failed)}/{len(rows)} arrays within {args.tol:g} '
+        f'(max rel err {max(r for _, _, r in rows):.3e})')
+  return 1 if failed else 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
