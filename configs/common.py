@@ -64,6 +64,15 @@ def get_config() -> ml_collections.ConfigDict:
   c.input.flip = True
   c.input.photometric = True
   c.input.num_workers = 0  # grain worker processes (0 = in-process)
+  # Augmentation chain (mtl_jax/transforms.py): 'mlore' (specs/mlore.md §5.1: random scale, crop,
+  # flip, colour jitter; eval pads to crop_size) | 'mtlora' (specs/mtlora.md §8: flip, scale and
+  # rotate, resize to crop_size; eval resizes image and labels to crop_size). Both read
+  # crop_size, scale_range and flip; cat_max_ratio and photometric are 'mlore' only, the two keys
+  # below 'mtlora' only. MTLoRA recipes: PASCAL crop (448, 448), scale_range (0.75, 1.25),
+  # rotation (-20, 20); NYUD crop (448, 448), rotation (0, 0), scale_choices (1.0, 1.2, 1.5).
+  c.input.augment = 'mlore'
+  c.input.rotation_range = (-20.0, 20.0)  # degrees, U(lo, hi), counter-clockwise; (0, 0): none
+  c.input.scale_choices = ()  # non-empty: the scale is drawn from these instead of scale_range
 
   c.model = ml_collections.ConfigDict()
   c.model.name = 'vit_baseline'

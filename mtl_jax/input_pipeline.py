@@ -1,4 +1,5 @@
-"""TFDS data sources and grain input pipelines (specs/stack.md §2-3, specs/mlore.md §5.1).
+"""TFDS data sources and grain input pipelines (specs/stack.md §2-3, specs/mlore.md §5.1,
+specs/mtlora.md §8).
 
 Every process reads its own slice of the split and yields **process-local** batches: numpy dicts
 with ``'image'`` float32 (B, H, W, 3), one label per task in the mtl_jax format (mtl_jax/tasks.py),
@@ -13,10 +14,18 @@ Config keys read:
 * ``config.dataset.data_dir``: TFDS data directory (None: the TFDS default).
 * ``config.dataset.train_split`` / ``config.dataset.eval_split``: TFDS split names.
 * ``config.dataset.build_if_missing``: build a missing dataset instead of raising.
-* ``config.input.crop_size``: (H, W) of every batch (train crop and eval pad size).
+* ``config.input.augment``: the augmentation chain of mtl_jax/transforms.py, ``'mlore'``
+  (random scale, crop, flip, colour jitter; eval pads) or ``'mtlora'`` (flip, scale and rotate,
+  resize; eval resizes).
+* ``config.input.crop_size``: (H, W) of every batch ('mlore': train crop and eval pad size;
+  'mtlora': the size everything is resized to).
 * ``config.input.scale_range``: (lo, hi) of the random scale factor; (1, 1) disables scaling.
-* ``config.input.cat_max_ratio``: RandomCrop class-balance threshold; 1 disables the redraws.
-* ``config.input.flip``, ``config.input.photometric``: enable those augmentations.
+* ``config.input.flip``: enables the random horizontal flip.
+* 'mlore' only: ``config.input.cat_max_ratio`` (RandomCrop class-balance threshold; 1 disables the
+  redraws), ``config.input.photometric`` (enables the colour jitter).
+* 'mtlora' only: ``config.input.rotation_range`` ((lo, hi) degrees; (0, 0) disables rotation),
+  ``config.input.scale_choices`` (non-empty: the scale is drawn from these instead of
+  ``scale_range``).
 * ``config.input.num_workers``: grain worker processes (0: threads of the calling process only).
 """
 
@@ -117,17 +126,49 @@ def _maybe_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset
   return ds
 
 
+AUGMENTATIONS = ('mlore', 'mtlora')
+
+
+def _augment(config) -> str:
+  augment = config.input.augment
+  if augment not in AUGMENTATIONS:
+    raise ConfigError(f'unknown config.input.augment {augment!r}; known: '
+                      f'{", ".join(AUGMENTATIONS)} (set --config.input.augment)')
+  return augment
+
+
+def _train_transform(config, tasks) -> grain.transforms.RandomMap:
+  """The training chain of ``config.input.augment`` (mtl_jax/transforms.py)."""
+  inp = config.input
+  if _augment(config) == 'mtlora':
+    return transforms.MTLoRATrainTransform(
+        tasks, inp.crop_size, rotation_range=inp.rotation_range, scale_range=inp.scale_range,
+        scale_choices=inp.scale_choices, flip=inp.flip)
+  return transforms.TrainTransform(
+      tasks, inp.crop_size, scale_range=inp.scale_range, cat_max_ratio=inp.cat_max_ratio,
+      flip=inp.flip, photometric=inp.photometric)
+
+
+def _eval_transform(config, tasks) -> grain.transforms.Map:
+  """The evaluation chain of ``config.input.augment``: pad ('mlore') or resize ('mtlora')."""
+  crop_size = tuple(config.input.crop_size)
+  if _augment(config) == 'mtlora':
+    return transforms.MTLoRAEvalTransform(tasks, crop_size)
+  return transforms.EvalTransform(tasks, crop_size)
+
+
 def make_train_iterator(config, tasks, *, source=None, process_index=None, process_count=None):
   """Infinite, checkpointable iterator of process-local training batches (specs/stack.md §3).
 
   Pipeline: this process' slice of `source` (default: the ``config.dataset.train_split`` TFDS
-  source) -> shuffle, reshuffled every epoch -> repeat forever -> `transforms.TrainTransform` ->
-  batch (drop remainder). The iterator has get_state()/set_state() and works with
-  grain.checkpoint.CheckpointSave/CheckpointRestore. `process_index`/`process_count` override
-  jax's (to simulate several processes in tests).
+  source) -> shuffle, reshuffled every epoch -> repeat forever -> the training chain of
+  ``config.input.augment`` -> batch (drop remainder). The iterator has get_state()/set_state()
+  and works with grain.checkpoint.CheckpointSave/CheckpointRestore.
+  `process_index`/`process_count` override jax's (to simulate several processes in tests).
   """
   process_index, process_count = _process(process_index, process_count)
   local_batch = _local_batch_size(config.batch_size, process_count, 'config.batch_size')
+  transform = _train_transform(config, tasks)
   if source is None:
     source = open_data_source(config.dataset, config.dataset.train_split)
   shard = grain.MapDataset.source(source)[process_index::process_count]
@@ -136,14 +177,11 @@ def make_train_iterator(config, tasks, *, source=None, process_index=None, proce
                       f'({len(source)} in the split)')
   # Augmentations of different processes must not be correlated: seed each process differently.
   seed = int(np.random.SeedSequence([config.seed, process_index]).generate_state(1)[0])
-  inp = config.input
   ds = (shard.seed(seed).shuffle().repeat()
-        .random_map(transforms.TrainTransform(
-            tasks, inp.crop_size, scale_range=inp.scale_range, cat_max_ratio=inp.cat_max_ratio,
-            flip=inp.flip, photometric=inp.photometric))
+        .random_map(transform)
         .batch(local_batch, drop_remainder=True)
         .to_iter_dataset(_READ_OPTIONS))
-  return iter(_maybe_workers(ds, inp.num_workers))
+  return iter(_maybe_workers(ds, config.input.num_workers))
 
 
 class EvalBatches:
@@ -164,19 +202,20 @@ def make_eval_iterator(config, tasks, split: str, *, source=None, process_index=
                        process_count=None) -> tuple[EvalBatches, int]:
   """(re-iterable process-local batches, number of batches) of `split`, in a fixed order.
 
-  Process p gets examples p, p + P, p + 2P, ... followed by `transforms.dummy_example` padding
-  (``example_valid`` False, every label ignore), so that every example is seen exactly once and
-  every process yields the same number of batches.
+  Examples go through the evaluation chain of ``config.input.augment`` (padded or resized to
+  ``config.input.crop_size``). Process p gets examples p, p + P, p + 2P, ... followed by
+  `transforms.dummy_example` padding (``example_valid`` False, every label ignore), so that every
+  example is seen exactly once and every process yields the same number of batches.
   """
   process_index, process_count = _process(process_index, process_count)
   global_batch = config.get('eval_batch_size') or config.batch_size
   local_batch = _local_batch_size(global_batch, process_count, 'config.eval_batch_size')
+  transform = _eval_transform(config, tasks)
   if source is None:
     source = open_data_source(config.dataset, split)
   num_batches = math.ceil(len(source) / global_batch)
   crop_size = tuple(config.input.crop_size)
-  shard = (grain.MapDataset.source(source)[process_index::process_count]
-           .map(transforms.EvalTransform(tasks, crop_size)))
+  shard = grain.MapDataset.source(source)[process_index::process_count].map(transform)
   padding = num_batches * local_batch - len(shard)
   if padding:
     dummies = grain.MapDataset.source([transforms.dummy_example(tasks, crop_size)] * padding)

@@ -1,17 +1,30 @@
 """Data augmentation of one example (numpy + OpenCV), as in the reference code.
 
-The MLoRE / InvPT chains of specs/mlore.md §5.1 and specs/datasets_metrics.md §3.1
-(`MLoRE:data/transforms.py`, "same transform as ATRC"):
+Two chains, selected by ``config.input.augment`` (mtl_jax/input_pipeline.py):
 
-* train: `random_scaling` -> `random_crop` -> `random_horizontal_flip` ->
-  `photometric_distortion` -> `normalize` -> `pad` -> `add_ignore_regions`;
-* eval: `normalize` -> `pad` -> `add_ignore_regions` (no resize, no flip).
+* ``'mlore'``: the MLoRE / InvPT chains of specs/mlore.md §5.1 and specs/datasets_metrics.md §3.1
+  (`MLoRE:data/transforms.py`, "same transform as ATRC"), `TrainTransform` / `EvalTransform`:
+
+  - train: `random_scaling` -> `random_crop` -> `random_horizontal_flip` ->
+    `photometric_distortion` -> `normalize` -> `pad` -> `add_ignore_regions`;
+  - eval: `normalize` -> `pad` -> `add_ignore_regions` (no resize, no flip).
+
+* ``'mtlora'``: the MTLoRA / MTI-Net chains of specs/mtlora.md §8 and specs/datasets_metrics.md
+  §3.2 (`MTLoRA:data/mtl_ds.py:get_transformations`), `MTLoRATrainTransform` /
+  `MTLoRAEvalTransform`:
+
+  - train: `random_horizontal_flip` -> `random_scale_and_rotate` -> `fixed_resize` ->
+    `add_ignore_regions` -> `wrap_to_uint8` -> `normalize`;
+  - eval: `fixed_resize` -> `add_ignore_regions` -> `wrap_to_uint8` -> `normalize`, so metrics
+    are computed on labels resized to the crop size, as the reference does.
+
+  Invalid depth stays 0 (the mtl_jax format) where MTLoRA's `AddIgnoreRegions` writes 255: the
+  same pixels are ignored.
 
 A *sample* is a dict with ``'image'`` (float32 (H, W, 3) in [0, 255] until `normalize`) and one
-label map per task, keyed by task name, in the mtl_jax label format (mtl_jax/tasks.py). The
-primitives work on whole samples so that other chains (e.g. the MTLoRA one of
-specs/datasets_metrics.md §3.2) can reuse them. Every random primitive takes a
-``np.random.Generator``; the reference draws the same quantities from python's `random`.
+label map per task, keyed by task name, in the mtl_jax label format (mtl_jax/tasks.py). Normals
+are x right, y up, z towards the camera. Every random primitive takes a ``np.random.Generator``;
+the references draw the same quantities from python's `random` / numpy's global generator.
 """
 
 from typing import Mapping
@@ -26,6 +39,9 @@ from mtl_jax import tasks as tasks_lib
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_PAD_VALUE = 0.0  # in normalised space
+# MTLoRA / MTI-Net interpolation flags (`FLAGVALS`, specs/datasets_metrics.md §3.2); every key not
+# listed (semseg, human_parts, sal, edge, depth) is nearest.
+MTLORA_INTERPOLATION = {'image': cv2.INTER_CUBIC, 'normals': cv2.INTER_CUBIC}
 Sample = dict[str, np.ndarray]
 
 
@@ -132,6 +148,88 @@ def random_horizontal_flip(sample: Sample, rng: np.random.Generator, p: float = 
   return hflip(sample) if rng.random() < p else sample
 
 
+def rotate_normals(normals: np.ndarray, angle: float) -> np.ndarray:
+  """Rotates the in-plane part (x, y) of normals counter-clockwise by `angle` degrees.
+
+  This is the normals' share of an image rotation by `angle` with `cv2.getRotationMatrix2D`
+  (counter-clockwise on screen) for x-right / y-up normals. The reference
+  (`ScaleNRotate`: (n0, n1) = r (sin, cos)(atan2(n0, n1) + angle)) rotates clockwise, which is
+  right for y-down normals only; mtl_jax normals are y up, so the sign is flipped here
+  (specs/datasets_metrics.md §3.2).
+  """
+  a = np.deg2rad(angle)
+  c, s = np.float32(np.cos(a)), np.float32(np.sin(a))
+  out = normals.copy()
+  out[..., 0] = c * normals[..., 0] - s * normals[..., 1]
+  out[..., 1] = s * normals[..., 0] + c * normals[..., 1]
+  return out
+
+
+def renormalize_normals(normals: np.ndarray) -> np.ndarray:
+  """n / (|n| + eps) as `FixedResize` (float64 eps): unit vectors, zero vectors stay zero."""
+  norm = np.linalg.norm(normals, axis=-1, keepdims=True)
+  return (normals / (norm + np.finfo(np.float64).eps)).astype(np.float32)
+
+
+def scale_and_rotate(sample: Sample, angle: float, scale: float) -> Sample:
+  """`ScaleNRotate` by `angle` degrees (counter-clockwise) and `scale` (specs/mtlora.md §8).
+
+  Every map is warped with `cv2.warpAffine(getRotationMatrix2D((W / 2, H / 2), angle, scale))`
+  onto a canvas of its own size, with `MTLORA_INTERPOLATION`. As in the reference:
+
+  * the centre is (W / 2, H / 2), not ((W - 1) / 2, (H - 1) / 2), so a 90 degree turn of an even
+    square is `np.rot90` moved by one pixel;
+  * the uncovered border is filled with 0 for every map: image black, normals zero (ignore after
+    `add_ignore_regions`), depth 0 (invalid), but semseg / human_parts / sal / edge 0 is a real
+    class (background), not the ignore value;
+  * normals are rotated in-plane (`rotate_normals`) before the cubic warp; depth is divided by
+    `scale`.
+  """
+  out = {}
+  for key, x in sample.items():
+    h, w = x.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+    if key == 'normals':
+      x = rotate_normals(x, angle)
+    y = cv2.warpAffine(x, m, (w, h), flags=MTLORA_INTERPOLATION.get(key, cv2.INTER_NEAREST),
+                       borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    y = y[..., None] if y.ndim == 2 else y
+    if key == 'depth':
+      y = y / np.float32(scale)
+    out[key] = y
+  return out
+
+
+def random_scale_and_rotate(sample: Sample, rng: np.random.Generator,
+                            rotation_range: tuple[float, float] = (-20.0, 20.0),
+                            scale_range: tuple[float, float] = (0.75, 1.25),
+                            scale_choices: tuple[float, ...] = ()) -> Sample:
+  """`ScaleNRotate` with angle ~ U(rotation_range), scale ~ U(scale_range) or from scale_choices.
+
+  PASCAL: rotation (-20, 20), scale (0.75, 1.25); NYUD: rotation (0, 0), scale_choices
+  (1.0, 1.2, 1.5) (specs/mtlora.md §8). The reference computes `(hi - lo) * U - (hi - lo) / 2`
+  (+ 1 for the scale), i.e. centres the ranges on 0 and 1; that equals U(lo, hi) for its
+  symmetric ranges, and U(lo, hi) is used here for any range.
+  """
+  angle = rng.uniform(*rotation_range)
+  if scale_choices:
+    scale = scale_choices[int(rng.integers(0, len(scale_choices)))]
+  else:
+    scale = rng.uniform(*scale_range)
+  return scale_and_rotate(sample, angle, scale)
+
+
+def fixed_resize(sample: Sample, size: tuple[int, int]) -> Sample:
+  """`FixedResize(size)`: every map to `size` with `MTLORA_INTERPOLATION`, normals renormalised.
+
+  The aspect ratio is not kept (specs/datasets_metrics.md §3.2).
+  """
+  out = resize(sample, size, MTLORA_INTERPOLATION)
+  if 'normals' in out:
+    out['normals'] = renormalize_normals(out['normals'])
+  return out
+
+
 def pad(sample: Sample, size: tuple[int, int], tasks: Mapping[str, tasks_lib.Task]) -> Sample:
   """`PadImage(size)`: centred pad (top/left get delta // 2) with each task's `pad_value`.
 
@@ -205,6 +303,17 @@ def normalize(image: np.ndarray) -> np.ndarray:
   return (image.astype(np.float32) / np.float32(255.0) - mean) / std
 
 
+def wrap_to_uint8(image: np.ndarray) -> np.ndarray:
+  """The reference's `image.astype(np.uint8)` (MTLoRA `ToTensor`) on a float image, made portable.
+
+  Truncates towards zero and keeps the low 8 bits, so the cubic overshoot *wraps* (-1.5 -> 255,
+  256.2 -> 0) instead of clipping: what numpy's cast gives on x86 (out-of-range float -> uint8
+  casts are undefined in C and may differ on other CPUs). Reproduced on purpose
+  (specs/datasets_metrics.md §3.2).
+  """
+  return (np.trunc(image).astype(np.int64) & 255).astype(np.uint8)
+
+
 def add_ignore_regions(sample: Sample) -> Sample:
   """`AddIgnoreRegions`: normals of zero norm -> (255, 255, 255); parts maps in {0, 255} -> 255."""
   out = dict(sample)
@@ -272,5 +381,45 @@ class EvalTransform(grain.transforms.Map):
     sample = select(element, self.tasks)
     sample['image'] = normalize(sample['image'])
     sample = add_ignore_regions(pad(sample, self.crop_size, self.tasks))
+    sample['example_valid'] = np.asarray(True)
+    return sample
+
+
+class MTLoRATrainTransform(grain.transforms.RandomMap):
+  """The MTLoRA / MTI-Net training chain (specs/mtlora.md §8, specs/datasets_metrics.md §3.2)."""
+
+  def __init__(self, tasks: Mapping[str, tasks_lib.Task], crop_size: tuple[int, int],
+               rotation_range: tuple[float, float] = (-20.0, 20.0),
+               scale_range: tuple[float, float] = (0.75, 1.25),
+               scale_choices: tuple[float, ...] = (), flip: bool = True):
+    self.tasks = dict(tasks)
+    self.crop_size = tuple(crop_size)
+    self.rotation_range = tuple(rotation_range)
+    self.scale_range = tuple(scale_range)
+    self.scale_choices = tuple(scale_choices)
+    self.flip = flip
+
+  def random_map(self, element, rng: np.random.Generator) -> Sample:
+    sample = select(element, self.tasks)
+    if self.flip:
+      sample = random_horizontal_flip(sample, rng)
+    sample = random_scale_and_rotate(sample, rng, self.rotation_range, self.scale_range,
+                                     self.scale_choices)
+    sample = add_ignore_regions(fixed_resize(sample, self.crop_size))
+    sample['image'] = normalize(wrap_to_uint8(sample['image']))
+    sample['example_valid'] = np.asarray(True)
+    return sample
+
+
+class MTLoRAEvalTransform(grain.transforms.Map):
+  """The MTLoRA evaluation chain: image *and* labels resized to `crop_size` (§3.2)."""
+
+  def __init__(self, tasks: Mapping[str, tasks_lib.Task], crop_size: tuple[int, int]):
+    self.tasks = dict(tasks)
+    self.crop_size = tuple(crop_size)
+
+  def map(self, element) -> Sample:
+    sample = add_ignore_regions(fixed_resize(select(element, self.tasks), self.crop_size))
+    sample['image'] = normalize(wrap_to_uint8(sample['image']))
     sample['example_valid'] = np.asarray(True)
     return sample

@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 from mtl_jax import ConfigError
 from mtl_jax import input_pipeline
 from mtl_jax import tasks as tasks_lib
+from mtl_jax import transforms
 
 TASKS = tasks_lib.get_tasks(['semseg', 'normals', 'depth'], 'synthetic_scenes')
 
@@ -22,8 +23,10 @@ def make_config(**input_overrides):
       'tasks': tuple(TASKS),
       'dataset': {'name': 'tiny_scenes', 'data_dir': None, 'train_split': 'train',
                   'eval_split': 'val', 'build_if_missing': False},
-      'input': {'crop_size': (32, 48), 'scale_range': (0.5, 2.0), 'cat_max_ratio': 0.75,
-                'flip': True, 'photometric': True, 'num_workers': 0, **input_overrides},
+      'input': {'augment': 'mlore', 'crop_size': (32, 48), 'scale_range': (0.5, 2.0),
+                'cat_max_ratio': 0.75, 'flip': True, 'photometric': True,
+                'rotation_range': (-20.0, 20.0), 'scale_choices': (), 'num_workers': 0,
+                **input_overrides},
   })
 
 
@@ -180,6 +183,51 @@ def test_eval_batch_size_defaults_to_batch_size_and_transform_is_deterministic()
   # 30x41 centred in 32x48: rows 1..30, columns 3..43.
   np.testing.assert_array_equal(first['semseg'][1, 1:31, 3:44], source[1]['semseg'])
   assert np.all(first['semseg'][:, 0] == 255) and np.all(first['semseg'][:, :, :3] == 255)
+
+
+def test_unknown_augment_is_a_config_error():
+  config = make_config(augment='invpt')
+  with pytest.raises(ConfigError, match=r"config.input.augment 'invpt'.*mlore, mtlora"):
+    input_pipeline.make_train_iterator(config, TASKS, source=make_source(4))
+  with pytest.raises(ConfigError, match='config.input.augment'):
+    input_pipeline.make_eval_iterator(config, TASKS, 'val', source=make_source(4))
+
+
+def test_mtlora_train_batches_are_deterministic_and_restore_exactly():
+  config = make_config(augment='mtlora', scale_range=(0.75, 1.25))
+  source = make_source(10)
+  it = input_pipeline.make_train_iterator(config, TASKS, source=source)
+  batches = [next(it) for _ in range(3)]  # crosses an epoch boundary (10 examples, batches of 4)
+  b = batches[0]
+  assert b['image'].shape == (4, 32, 48, 3) and b['semseg'].shape == (4, 32, 48, 1)
+  assert b['normals'].shape == (4, 32, 48, 3) and b['depth'].shape == (4, 32, 48, 1)
+  assert b['example_valid'].tolist() == [True] * 4
+  for semseg in b['semseg']:  # example i's label i, plus 0 (background) from rotation borders
+    assert len(set(np.unique(semseg)) - {0}) <= 1 and 255 not in semseg
+  state = it.get_state()
+  expected = [next(it) for _ in range(3)]
+  again = input_pipeline.make_train_iterator(config, TASKS, source=source)
+  assert_batches_equal(batches + expected, [next(again) for _ in range(6)])
+  restored = input_pipeline.make_train_iterator(config, TASKS, source=source)
+  restored.set_state(state)
+  assert_batches_equal(expected, [next(restored) for _ in range(3)])
+  mlore = input_pipeline.make_train_iterator(make_config(), TASKS, source=source)
+  assert not np.array_equal(next(mlore)['image'], b['image'])
+
+
+def test_mtlora_eval_resizes_every_example_once():
+  source = make_source(5, shape=(30, 41))
+  config = make_config(augment='mtlora')
+  batches, n = input_pipeline.make_eval_iterator(config, TASKS, 'val', source=source)
+  assert n == 2
+  first, second = list(batches)
+  assert ids(first) == [0, 1, 2, 3] and ids(second) == [4, -1, -1, -1]
+  assert first['image'].shape == (4, 32, 48, 3)
+  np.testing.assert_array_equal(first['semseg'][1], np.full((32, 48, 1), 1))  # resized, not padded
+  expected = transforms.MTLoRAEvalTransform(TASKS, (32, 48)).map(source[2])
+  for key in ('image', 'normals', 'depth'):
+    np.testing.assert_array_equal(first[key][2], expected[key])
+  assert np.all(second['semseg'][1:] == 255) and np.all(second['depth'][1:] == 0)
 
 
 class TinyScenes(tfds.core.GeneratorBasedBuilder):

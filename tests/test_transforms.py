@@ -265,3 +265,173 @@ def test_dummy_example_is_all_ignore():
   for name in ('semseg', 'human_parts', 'sal', 'edge', 'normals'):
     assert np.all(d[name] == 255)
   assert np.all(d['depth'] == 0) and np.all(d['image'] == 0)
+
+
+# ------------------------------------------------------------------------------------------------
+# MTLoRA chain (specs/mtlora.md §8, specs/datasets_metrics.md §3.2).
+
+def test_scale_and_rotate_90_degrees_is_rot90_moved_by_one_pixel():
+  labels = (np.arange(36, dtype=np.uint8) + 1).reshape(6, 6, 1)
+  image = np.repeat(labels, 3, axis=-1).astype(np.float32)
+  out = transforms.scale_and_rotate({'image': image, 'semseg': labels}, 90.0, 1.0)
+  # cv2's positive angle turns counter-clockwise like np.rot90; the reference's centre (W/2, H/2)
+  # (not (W-1)/2) moves the result down by one row and fills the uncovered row with 0.
+  expected = np.zeros_like(labels)
+  expected[1:] = np.rot90(labels)[:-1]
+  np.testing.assert_array_equal(out['semseg'], expected)
+  np.testing.assert_array_equal(out['image'], np.repeat(expected, 3, -1))  # cubic, exact here
+  drawn = transforms.random_scale_and_rotate({'semseg': labels}, ScriptedRng(uniform=[90.0, 1.0]))
+  np.testing.assert_array_equal(drawn['semseg'], expected)
+  out = transforms.scale_and_rotate({'semseg': labels}, -90.0, 1.0)
+  expected = np.zeros_like(labels)
+  expected[:, 1:] = np.rot90(labels, k=-1)[:, :-1]  # clockwise: moved right by one column
+  np.testing.assert_array_equal(out['semseg'], expected)
+
+
+def test_scale_and_rotate_zoom_out_fills_border_with_zero_and_divides_depth():
+  h = w = 6
+  labels = (np.arange(36, dtype=np.uint8) + 1).reshape(h, w, 1)
+  normals = np.zeros((h, w, 3), np.float32)
+  normals[..., 2] = 1.0
+  sample = {'image': np.full((h, w, 3), 200.0, np.float32), 'semseg': labels,
+            'normals': normals, 'depth': np.full((h, w, 1), 3.0, np.float32)}
+  out = transforms.scale_and_rotate(sample, 0.0, 0.5)
+  # Output pixel j samples source (j - 3) / 0.5 + 3 = 2j - 3: rows/columns 2..4 see 1, 3, 5.
+  inside = np.zeros((h, w), bool)
+  inside[2:5, 2:5] = True
+  np.testing.assert_array_equal(out['semseg'][2:5, 2:5], labels[1::2, 1::2])
+  np.testing.assert_array_equal(out['depth'][inside], 6.0)  # depth / scale
+  for key in sample:
+    assert out[key].shape == sample[key].shape and out[key].dtype == sample[key].dtype
+    assert np.all(out[key][~inside] == 0), key  # semseg 0 = background, not ignore
+  ignored = transforms.add_ignore_regions(out)
+  assert np.all(ignored['normals'][~inside] == 255)
+  np.testing.assert_allclose(ignored['normals'][inside], np.broadcast_to([0, 0, 1], (9, 3)))
+
+
+def test_rotate_normals_by_hand():
+  n = np.array([[1.0, 0.0, 0.5], [0.0, 1.0, 0.0]], np.float32)
+  # A counter-clockwise quarter turn: right-facing (x) becomes up-facing (y), up becomes left.
+  np.testing.assert_allclose(transforms.rotate_normals(n, 90.0),
+                             [[0.0, 1.0, 0.5], [-1.0, 0.0, 0.0]], atol=1e-7)
+  np.testing.assert_allclose(transforms.rotate_normals(n, 30.0)[0, :2],
+                             [np.sqrt(3) / 2, 0.5], atol=1e-6)
+
+
+def _height_normals(height):
+  """Unit normals (x right, y up, z to the camera) of the surface z = height[row, column]."""
+  dh_dv, dh_du = np.gradient(height)
+  n = np.stack([-dh_du, dh_dv, np.ones_like(height)], -1)  # d/dy = -d/drow
+  return (n / np.linalg.norm(n, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _angle_deg(a, b):
+  return np.rad2deg(np.arccos(np.clip(np.sum(a * b, -1), -1, 1)))
+
+
+def test_normals_rotate_with_the_geometry():
+  h, w, angle = 48, 56, 30.0
+
+  def height(u, v):  # an off-centre bump on a slope
+    return 6.0 * np.exp(-((u - 16) ** 2 + (v - 30) ** 2) / 128.0) + 0.3 * u
+
+  v, u = np.mgrid[:h, :w].astype(np.float64)
+  normals = _height_normals(height(u, v))
+  # The rotated scene: output pixel p shows the source point M^-1 p (what warpAffine samples).
+  inv = cv2.invertAffineTransform(cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0))
+  src_u = inv[0, 0] * u + inv[0, 1] * v + inv[0, 2]
+  src_v = inv[1, 0] * u + inv[1, 1] * v + inv[1, 2]
+  expected = _height_normals(height(src_u, src_v))
+  valid = (src_u > 3) & (src_u < w - 4) & (src_v > 3) & (src_v < h - 4)
+  got = transforms.renormalize_normals(
+      transforms.scale_and_rotate({'normals': normals}, angle, 1.0)['normals'])
+  error = _angle_deg(got, expected)[valid]
+  assert error.max() < 1.5 and error.mean() < 0.2  # finite differences and cubic interpolation
+  # The reference's formula (clockwise vector rotation, right for y-down normals) is far off.
+  reference = transforms.rotate_normals(normals, -2 * angle)  # undo ours, rotate the other way
+  wrong = transforms.renormalize_normals(
+      transforms.scale_and_rotate({'normals': reference}, angle, 1.0)['normals'])
+  assert _angle_deg(wrong, expected)[valid].mean() > 10.0
+
+
+def test_random_scale_and_rotate_draws_scale_choices():
+  sample = {'depth': np.full((6, 8, 1), 3.0, np.float32)}
+  rng = ScriptedRng(uniform=[0.0], integers=[2])
+  out = transforms.random_scale_and_rotate(sample, rng, (0.0, 0.0), scale_choices=(1.0, 1.2, 1.5))
+  assert rng.integer_calls == [(0, 3)]
+  np.testing.assert_allclose(out['depth'], 2.0)  # 3 / 1.5 everywhere: zooming in has no border
+
+
+def test_fixed_resize_interpolations_and_renormalised_normals():
+  sample = transforms.select(make_element(), ALL_TASKS)
+  out = transforms.fixed_resize(sample, CROP)
+  assert all(x.shape[:2] == CROP for x in out.values())
+  np.testing.assert_array_equal(out['image'], cv2.resize(sample['image'], (48, 32),
+                                                         interpolation=cv2.INTER_CUBIC))
+  nearest = cv2.resize(sample['semseg'], (48, 32), interpolation=cv2.INTER_NEAREST)
+  np.testing.assert_array_equal(out['semseg'][..., 0], nearest)
+  assert set(np.unique(out['semseg'])) <= set(np.unique(sample['semseg']))
+  cubic = cv2.resize(sample['normals'], (48, 32), interpolation=cv2.INTER_CUBIC)
+  norms = np.linalg.norm(out['normals'], axis=-1)
+  assert np.all((np.abs(norms - 1) < 1e-5) | (norms == 0))
+  np.testing.assert_allclose(out['normals'] * np.linalg.norm(cubic, axis=-1, keepdims=True),
+                             cubic, atol=1e-6)
+  # Rows 0-3 of 40 are invalid (zero); the cubic kernel reaches valid row 4 from output row 2.
+  assert np.all(norms[:2] == 0) and np.all(norms[2] > 0)
+
+
+def test_wrap_to_uint8_truncates_and_wraps_like_the_reference_cast():
+  x = np.array([-300.7, -256.2, -1.5, -0.7, 0.3, 100.9, 254.99, 255.5, 256.2, 300.1], np.float32)
+  np.testing.assert_array_equal(transforms.wrap_to_uint8(x),
+                                [212, 0, 255, 0, 0, 100, 254, 255, 0, 44])
+
+
+def test_mtlora_train_transform_invariants_and_determinism():
+  t = transforms.MTLoRATrainTransform(ALL_TASKS, CROP)
+  outs = [t.random_map(make_element(seed), np.random.default_rng(seed)) for seed in range(6)]
+  for out in outs:
+    _check_output(out, CROP)
+    assert out['example_valid']
+  again = t.random_map(make_element(0), np.random.default_rng(0))
+  for k in outs[0]:
+    np.testing.assert_array_equal(again[k], outs[0][k])
+  other = t.random_map(make_element(0), np.random.default_rng(1))
+  assert not np.array_equal(other['image'], outs[0]['image'])
+
+
+def test_mtlora_train_transform_nyud_scale_choices():
+  el = make_element(0)
+  el['depth'] = np.full((40, 50, 1), 2.0, np.float32)
+  t = transforms.MTLoRATrainTransform(ALL_TASKS, CROP, rotation_range=(0.0, 0.0),
+                                      scale_choices=(1.0, 1.2, 1.5))
+  depths = set()
+  for seed in range(12):
+    out = t.random_map(el, np.random.default_rng(seed))
+    values = np.unique(out['depth'])
+    assert len(values) == 1  # no rotation and zoom-in only: no border
+    depths.add(round(float(values[0]), 5))
+  assert depths == {2.0, round(2 / 1.2, 5), round(2 / 1.5, 5)}
+
+
+def test_mtlora_train_transform_without_augmentation_is_resize_normalize():
+  t = transforms.MTLoRATrainTransform(ALL_TASKS, (40, 50), rotation_range=(0.0, 0.0),
+                                      scale_choices=(1.0,), flip=False)
+  el = make_element(0)
+  out = t.random_map(el, np.random.default_rng(0))
+  np.testing.assert_array_equal(out['image'], transforms.normalize(el['image']))
+  np.testing.assert_array_equal(out['semseg'], el['semseg'])
+  np.testing.assert_array_equal(out['depth'], el['depth'])
+  np.testing.assert_allclose(out['normals'][4:], el['normals'][4:], atol=1e-6)
+  assert np.all(out['normals'][:4] == 255)
+
+
+def test_mtlora_eval_transform_resizes_image_and_labels():
+  el = make_element(0)
+  out = transforms.MTLoRAEvalTransform(ALL_TASKS, CROP).map(el)
+  _check_output(out, CROP)
+  image = cv2.resize(el['image'].astype(np.float32), (48, 32), interpolation=cv2.INTER_CUBIC)
+  np.testing.assert_array_equal(out['image'],
+                                transforms.normalize(transforms.wrap_to_uint8(image)))
+  np.testing.assert_array_equal(
+      out['semseg'][..., 0], cv2.resize(el['semseg'], (48, 32), interpolation=cv2.INTER_NEAREST))
+  assert np.all(out['normals'][:2] == 255)  # rows 0-3 of 40 were invalid (see above)

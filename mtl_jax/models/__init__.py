@@ -6,6 +6,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mtl_jax import ConfigError
+from mtl_jax.models import mlore
+from mtl_jax.models import mtlora
 from mtl_jax.models import multitask
 from mtl_jax.models import vit
 from mtl_jax.tasks import Task
@@ -40,8 +42,16 @@ def _vit_baseline(config, tasks: Mapping[str, Task], *, rngs: nnx.Rngs):
   return multitask.MultiTaskModel(backbone, decoder, heads)
 
 
+def _mlore(config, tasks: Mapping[str, Task], *, rngs: nnx.Rngs):
+  """ViT + MLoRE decoder + ConvHead per task (mtl_jax/models/mlore.py, specs/mlore.md §3)."""
+  return mlore.build(config, tasks, _vit(config, rngs=rngs), rngs=rngs)
+
+
 _BUILDERS = {
     'vit_baseline': _vit_baseline,
+    'mlore': _mlore,
+    'swin': mtlora.build,  # Swin + per-task HRNet heads (specs/mtlora.md §1, §3)
+    'mtlora': mtlora.build,  # the same with MTLoRA (specs/mtlora.md §2)
 }
 
 

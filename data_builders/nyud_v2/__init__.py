@@ -1,0 +1,3 @@
+"""NYUD-v2 multi-task (manual download): importing this package registers it with TFDS."""
+
+from .nyud_v2_dataset_builder import Builder, NyudConfig
