@@ -19,31 +19,30 @@ pipeline, step by step:
    pixels, sumP = prediction pixels (`evaluate_image`).
 5. SEISM's ``gather_measure`` / ``general_ods`` / ``general_ois`` / ``general_ap`` (`scores`).
 
-Matching (`match_count`). correspondPixels solves, with Goldberg's CSA, the assignment problem
-whose optimum minimises ``sum(rint(100 d)) - ow * m`` over matchings of m pixel pairs closer than
-maxDist (``ow = ceil(100 * 100 * maxDist)``, maxDist in pixels; the sparse random outlier graph
-and the high-cost overlay only make every matching feasible). Only the number of matched pairs
-is needed, and it is the same for every optimum, so this module computes that optimum directly,
-per connected component of the "within maxDist" graph:
+Matching (`match_count`). BSDS correspondPixels builds an assignment problem (real pairs closer
+than maxDist cost ``rint(100 d)``; every pixel may instead go to an outlier node at cost
+``ow = ceil(100 * 100 * maxDist)``, maxDist in pixels) and solves it with Goldberg's CSA, so its
+matching minimises ``sum(cost) - ow * pairs``. This module solves that problem exactly with
+scipy's LAPJVsp (`_matched`). BSDS connects the outlier nodes through a sparse graph drawn from
+a time-seeded random generator: when that graph cannot realise the optimum, CSA settles for a
+matching with a pair or two fewer, so the C++ counts vary from run to run and never exceed the
+optimum (benchmarks/boundary.py shows the spread next to pyEdgeEval's build of that code).
 
-* a component whose smaller side has k pixels with ``k * max_cost < ow`` (in practice < ~100
-  pixels) is solved by a maximum-cardinality matching (Hopcroft-Karp): if the optimum had fewer
-  pairs, an augmenting path (at most k new pairs) would lower the cost by at least
-  ``ow - k * max_cost > 0``;
-* any other component is solved exactly as a min-cost assignment (scipy's LAPJVsp) on the graph
-  where every pixel may also be left unmatched at cost ``ow / 2``.
+A threshold whose binary map equals the previous one (E > t is nested in t, so equal pixel
+counts mean equal maps) reuses its counts.
 
-The result equals pyEdgeEval's wrapper of the BSDS C++ code (tests/test_boundary.py compares
-them when pyEdgeEval is installed); benchmarks/boundary_eval.py times both. A threshold whose
-binary map equals the previous one (E > t is nested in t, so equal pixel counts mean equal maps)
-reuses its counts.
+pyEdgeEval 0.2.8 (the maintained Python port of the BSDS tools) is not used: besides that
+matching (10x slower, benchmarks/RESULTS.md) it differs from SEISM in its NMS (``fast_nms`` smooths E with
+``convTri(E, 1)`` first and divides by ``Oxx`` without the ``1e-5``), binarises with ``>=``, its
+``binary_thin`` stops as soon as the first sub-iteration deletes nothing (bwmorph and `thin` go
+on while either does) and its metrics are BSDS's interpolated ODS / AP.
 """
 
 import dataclasses
 import functools
 import math
 import multiprocessing
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import cv2
 import numpy as np
@@ -64,7 +63,8 @@ _MULTIPLIER = 100
 def to_png(logits: np.ndarray) -> np.ndarray:
   """The saved prediction ``uint8(255 * sigmoid(logits))``, truncated, computed in float32."""
   x = np.asarray(logits, np.float32)
-  return (np.float32(255) / (np.float32(1) + np.exp(-x))).astype(np.uint8)
+  with np.errstate(over='ignore'):  # exp(-x) = inf gives 0, as in torch
+    return (np.float32(255) / (np.float32(1) + np.exp(-x))).astype(np.uint8)
 
 
 def _conv_tri(image: np.ndarray, r: int) -> np.ndarray:
@@ -262,47 +262,30 @@ def _pairs(candidates: np.ndarray, gt: np.ndarray, tol: _Tolerance):
   return np.concatenate(cand), np.concatenate(gidx), np.concatenate(cost)
 
 
-def _min_cost_count(rows: np.ndarray, cols: np.ndarray, costs: np.ndarray, outlier: int) -> int:
-  """Pairs of the optimum of ``sum(cost) - outlier * pairs`` over matchings of one component.
+def _matched(pred: np.ndarray, gt: np.ndarray, costs: np.ndarray, outlier: int) -> int:
+  """Matched pairs of the optimum of ``sum(cost) - outlier * pairs`` over matchings.
 
-  Full assignment (LAPJVsp) on [rows, col-dummies] x [cols, row-dummies]: real pairs cost 2c,
-  a row (col) to its own dummy costs `outlier` (unmatched), col-dummy j to row-dummy i costs 0
-  for every real pair (i, j), so a pair (i, j) frees exactly those two dummies. Every weight is
-  shifted by 1 (scipy ignores explicit zeros).
+  `pred`, `gt`, `costs`: the candidate pairs (pixel ids and cost). One assignment problem
+  (scipy's LAPJVsp): a row per pixel of the smaller side (LAPJVsp is several times faster that
+  way round), a column per pixel of the other side and one "unmatched" column per row. A real
+  pair costs ``c + 1``, a row's own unmatched column ``outlier + 1`` (the +1 keeps weights
+  non-zero; a full assignment has one edge per row, so the shift does not move the optimum);
+  columns may stay unassigned.
   """
-  _, ri = np.unique(rows, return_inverse=True)
-  _, ci = np.unique(cols, return_inverse=True)
-  n1, n2 = int(ri.max()) + 1, int(ci.max()) + 1
-  a = np.arange(n1)
-  b = np.arange(n2)
-  left = np.concatenate([ri, a, n1 + b, n1 + ci])
-  right = np.concatenate([ci, n2 + a, b, n2 + ri])
-  weight = np.concatenate([2 * costs, np.full(n1 + n2, outlier), np.zeros(len(costs))]) + 1
-  graph = sparse.csr_matrix((weight.astype(np.float64), (left, right)),
-                            shape=(n1 + n2, n1 + n2))
-  row_of, col_of = csgraph.min_weight_full_bipartite_matching(graph)
-  return int(np.sum((row_of < n1) & (col_of < n2)))
-
-
-def _matched(rows: np.ndarray, cols: np.ndarray, costs: np.ndarray, tol: _Tolerance) -> int:
-  """Matched pairs of correspondPixels given the candidate pairs (see the module docstring)."""
-  if len(rows) == 0:
+  if not len(pred):
     return 0
-  rows_u, ri = np.unique(rows, return_inverse=True)
-  cols_u, ci = np.unique(cols, return_inverse=True)
-  n1, n2 = len(rows_u), len(cols_u)
-  biadjacency = sparse.csr_matrix((np.ones(len(ri), np.int8), (ri, ci)), shape=(n1, n2))
-  matching = csgraph.maximum_bipartite_matching(biadjacency, perm_type='column')
-  graph = sparse.csr_matrix((np.ones(len(ri), np.int8), (ri, n1 + ci)), shape=(n1 + n2,) * 2)
-  num, label = csgraph.connected_components(graph, directed=False)
-  smaller = np.minimum(np.bincount(label[:n1], minlength=num),
-                       np.bincount(label[n1:], minlength=num))
-  exact = smaller * int(tol.costs.max()) >= tol.outlier
-  count = int(np.sum((matching >= 0) & ~exact[label[:n1]]))
-  for component in np.flatnonzero(exact):
-    sel = label[ri] == component
-    count += _min_cost_count(ri[sel], ci[sel], costs[sel], tol.outlier)
-  return count
+  _, rows = np.unique(pred, return_inverse=True)
+  _, cols = np.unique(gt, return_inverse=True)
+  n1, n2 = int(rows.max()) + 1, int(cols.max()) + 1
+  if n1 > n2:
+    rows, cols, n1, n2 = cols, rows, n2, n1
+  own = np.arange(n1)
+  weight = np.concatenate([costs + 1, np.full(n1, outlier + 1)]).astype(np.float64)
+  graph = sparse.csr_matrix(
+      (weight, (np.concatenate([rows, own]), np.concatenate([cols, n2 + own]))),
+      shape=(n1, n2 + n1))
+  _, col_of_row = csgraph.min_weight_full_bipartite_matching(graph)
+  return int(np.sum(col_of_row < n2))
 
 
 def match_count(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> int:
@@ -312,13 +295,11 @@ def match_count(pred: np.ndarray, gt: np.ndarray, max_dist: float) -> int:
   """
   pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
   tol = _Tolerance.get(gt.shape, float(max_dist))
-  rows, cols, costs = _pairs(np.argwhere(pred), gt, tol)
-  return _matched(rows, cols, costs, tol)
+  return _matched(*_pairs(np.argwhere(pred), gt, tol), tol.outlier)
 
 
-def evaluate_image(png: np.ndarray, gt: np.ndarray, max_dist: float,
-                   thresholds: np.ndarray = THRESHOLDS) -> np.ndarray:
-  """Counts (len(thresholds), 4) int64 [cntR, sumR, cntP, sumP] of one image (steps 2-4).
+def evaluate_image(png: np.ndarray, gt: np.ndarray, max_dist: float) -> np.ndarray:
+  """Counts (101, 4) int64 [cntR, sumR, cntP, sumP] of one image at the `THRESHOLDS` (steps 2-4).
 
   `png`: the uint8 (H, W) prediction; `gt`: boolean GT boundaries (`gt_boundaries`) of the same
   size. With one GT map, cntR = cntP = the matched pairs.
@@ -333,13 +314,13 @@ def evaluate_image(png: np.ndarray, gt: np.ndarray, max_dist: float,
   disk = np.zeros((2 * tol.radius + 1,) * 2, np.uint8)
   disk[tol.offsets[:, 0] + tol.radius, tol.offsets[:, 1] + tol.radius] = 1
   near = cv2.dilate(gt.astype(np.uint8), disk, borderType=cv2.BORDER_CONSTANT, borderValue=0) > 0
-  candidates = np.argwhere(near & (e > np.min(thresholds)))
+  candidates = np.argwhere(near & (e > THRESHOLDS[0]))
   cand, gidx, cost = _pairs(candidates, gt, tol)
   cand_pixel = candidates[:, 0] * gt.shape[1] + candidates[:, 1]
   sum_r = int(gt.sum())
-  counts = np.zeros((len(thresholds), 4), np.int64)
+  counts = np.zeros((len(THRESHOLDS), 4), np.int64)
   previous = None
-  for k, t in enumerate(thresholds):
+  for k, t in enumerate(THRESHOLDS):
     above = e > t
     n = int(above.sum())
     if n == previous:  # nested maps with equal sizes are equal
@@ -348,7 +329,7 @@ def evaluate_image(png: np.ndarray, gt: np.ndarray, max_dist: float,
     previous = n
     pred = thin(above)
     active = pred.ravel()[cand_pixel][cand]
-    matched = _matched(cand[active], gidx[active], cost[active], tol)
+    matched = _matched(cand[active], gidx[active], cost[active], tol.outlier)
     counts[k] = (matched, sum_r, matched, int(pred.sum()))
   return counts
 
@@ -393,6 +374,11 @@ def reduce_counts(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   counts = np.asarray(counts, np.int64).reshape(-1, len(THRESHOLDS), 4)
   best = np.argmax(_image_f(counts), axis=1) if len(counts) else np.zeros(0, np.int64)
   return counts.sum(0), counts[np.arange(len(counts)), best].sum(0)
+
+
+def pr_curve(totals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(recall, precision) per threshold, fractions, of `reduce_counts`' summed counts."""
+  return _recall_precision(*np.asarray(totals).T)
 
 
 def _colon_0_1_step_001() -> np.ndarray:
@@ -449,7 +435,7 @@ def evaluate_images(items: Iterable[tuple[np.ndarray, np.ndarray]], max_dist: fl
   return np.stack(results) if results else np.zeros((0, len(THRESHOLDS), 4), np.int64)
 
 
-def evaluate(items: Sequence[tuple[np.ndarray, np.ndarray]], max_dist: float,
+def evaluate(items: Iterable[tuple[np.ndarray, np.ndarray]], max_dist: float,
              num_workers: int = 1) -> dict[str, float]:
   """`scores` of (prediction PNG, GT labels) pairs: odsF, oisF, ap (x100) and the ODS point."""
   return scores(*reduce_counts(evaluate_images(items, max_dist, num_workers)))

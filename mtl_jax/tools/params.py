@@ -15,10 +15,6 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:args]).',
-                                          lock_config=True)
-flags.mark_flags_as_required(['config'])
-
 
 def count(config) -> dict[str, dict[str, int]]:
   """{group: {'total': n, 'trainable': m}} for groups '<all>', top-level and second-level modules
@@ -48,7 +44,7 @@ def count(config) -> dict[str, dict[str, int]]:
 
 def main(argv):
   del argv
-  groups = count(_CONFIG.value)
+  groups = count(flags.FLAGS.config)
   width = max(len(g) for g in groups)
   print(f'{"group":<{width}}  {"total":>14}  {"trainable":>14}')
   for group in sorted(groups):
@@ -59,4 +55,8 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  # Flags are defined here, not at import, so the tools can be imported together (tests).
+  config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:args]).',
+                                  lock_config=True)
+  flags.mark_flags_as_required(['config'])
   sys.exit(app.run(main))
