@@ -1,0 +1,235 @@
+r"""Δm of multi-task runs against single-task baselines (specs/datasets_metrics.md §5.1).
+
+  python -m mtl_jax.tools.delta_m runs/mtlora_r64 --baselines=mtlora_swin_t_pascal
+  python -m mtl_jax.tools.delta_m runs/seed0 runs/seed1 runs/seed2 \
+      --baselines=semseg=67.21,human_parts=61.93,sal=62.35,normals=17.97 --output=runs/dm
+  python -m mtl_jax.tools.delta_m output/swin/tag/log_rank0.txt --baselines=user_fork_paper_st
+
+Δm = (1/T) Σ_t (−1)^{l_t} (M_t − B_t) / B_t × 100, l_t = 1 where lower is better. Per task the
+metric is the MTLoRA one (`calculate_multi_task_performance`): semseg / human_parts mIoU, saliency
+mIoU (`--sal_metric=maxf` for MLoRE-style tables), normals mean angle, depth RMSE, edge odsF.
+
+A run is a workdir (its `metrics.jsonl`: `eval/<task>/<metric>` per eval step) or, for runs of the
+user's MTLoRA fork, a `log_rank0.txt` (or a directory holding one), parsed as that fork's
+`compute_delta_m.py` does (specs/user_fork.md §7). Tasks default to those with a baseline.
+Writes OUTPUT.csv and OUTPUT.md (default: `delta_m` in the first run's directory): Δm per eval
+step and the best step of each run, and with several runs the mean ± std (ddof 1) of the best.
+"""
+
+import argparse
+import csv
+import io
+import json
+import os
+import re
+import statistics
+import sys
+
+# task -> (metric key under eval/<task>/, lower is better)
+METRICS = {'semseg': ('miou', False), 'human_parts': ('miou', False), 'sal': ('miou', False),
+           'normals': ('mean', True), 'depth': ('rmse', True), 'edge': ('odsF', False)}
+# Single-task baselines by name.
+PRESETS = {
+    # MTLoRA paper, Swin-T IN-1k, single-task full fine-tuning (specs/datasets_metrics.md §5.3).
+    'mtlora_swin_t_pascal': {'semseg': 67.21, 'human_parts': 61.93, 'sal': 62.35,
+                             'normals': 17.97},
+    # The user fork's `--use-paper-st` values (specs/user_fork.md §7), depth included.
+    'user_fork_paper_st': {'semseg': 67.21, 'human_parts': 61.93, 'sal': 62.35, 'normals': 17.97,
+                           'depth': 0.6436},
+}
+# The user fork's task names and log lines (specs/user_fork.md §7).
+FORK_TASKS = {'semseg': 'semseg', 'human': 'human_parts', 'saliency': 'sal', 'normals': 'normals',
+              'depth': 'depth', 'edge': 'edge'}
+_EPOCH = re.compile(r'EPOCH\s+(\d+)\s+training takes')
+_ANYWHERE = {'semseg': re.compile(r'Semantic Segmentation mIoU:\s*([0-9.]+)'),
+             'human_parts': re.compile(r'Human Parts mIoU:\s*([0-9.]+)')}
+_SECTIONS = [  # (header, task, value regex after the header)
+    (re.compile(r'Results for Saliency Estimation'), 'sal', re.compile(r'\bmIoU:\s*([0-9.]+)')),
+    (re.compile(r'Results for Surface Normal Estimation'), 'normals',
+     re.compile(r'\bmean:\s*([0-9.]+)')),
+    (re.compile(r'Results for (Depth Estimation|depth prediction)', re.I), 'depth',
+     re.compile(r'\brmse\s*:?\s*([0-9.]+)')),
+    (re.compile(r'Edge Detection Evaluation'), 'edge', re.compile(r'\bodsF:\s*([0-9.]+)')),
+]
+
+
+class DeltaMError(ValueError):
+  """Bad input: printed as one `error:` line."""
+
+
+def delta_m(metrics: dict[str, float], baselines: dict[str, float], tasks=None) -> float:
+  """Δm in percent over `tasks` (default: every task of `baselines`)."""
+  tasks = list(tasks or baselines)
+  missing = [t for t in tasks if t not in metrics]
+  if missing:
+    raise DeltaMError(f'no {", ".join(missing)} metric to compare with the baseline')
+  total = 0.0
+  for task in tasks:
+    sign = -1.0 if METRICS[task][1] else 1.0
+    total += sign * (metrics[task] - baselines[task]) / baselines[task]
+  return 100.0 * total / len(tasks)
+
+
+def parse_baselines(text: str) -> dict[str, float]:
+  """A preset name or 'task=value,...' (task names of mtl_jax or of the user fork)."""
+  if text in PRESETS:
+    return dict(PRESETS[text])
+  out = {}
+  for item in filter(None, text.split(',')):
+    task, _, value = item.partition('=')
+    task = FORK_TASKS.get(task, task)
+    if task not in METRICS or not value:
+      raise DeltaMError(f'--baselines: {item!r} is not task=value with a task of '
+                        f'{", ".join(METRICS)}, nor a preset ({", ".join(PRESETS)})')
+    try:
+      out[task] = float(value)
+    except ValueError:
+      raise DeltaMError(f'--baselines: {value!r} is not a number') from None
+  if not out:
+    raise DeltaMError('--baselines is empty')
+  return out
+
+
+def read_jsonl(path: str, sal_metric: str = 'miou') -> list[tuple[int, dict[str, float]]]:
+  """[(step, {task: metric})] of every eval step in a workdir's metrics.jsonl."""
+  keys = {task: f'eval/{task}/{sal_metric if task == "sal" else metric}'
+          for task, (metric, _) in METRICS.items()}
+  rows = []
+  with open(path) as f:
+    for line in f:
+      record = json.loads(line)
+      found = {task: float(record[k]) for task, k in keys.items() if k in record}
+      if found:
+        rows.append((int(record['step']), found))
+  return rows
+
+
+def read_fork_log(path: str) -> list[tuple[int | None, dict[str, float]]]:
+  """[(epoch, {task: metric})] from the user fork's log_rank0.txt (its compute_delta_m.py
+  state machine; every record is kept, complete or not)."""
+  rows, epoch, current, section = [], None, {}, None
+
+  def flush():
+    if current:
+      rows.append((epoch, dict(current)))
+      current.clear()
+
+  with open(path, errors='replace') as f:
+    for line in f:
+      m = _EPOCH.search(line)
+      if m:
+        flush()
+        epoch, section = int(m.group(1)), None
+        continue
+      header = next((s for s in _SECTIONS if s[0].search(line)), None)
+      if header:
+        section = header
+        continue
+      for task, pattern in _ANYWHERE.items():
+        m = pattern.search(line)
+        if m:
+          current[task] = float(m.group(1))
+      if section:
+        m = section[2].search(line)
+        if m:
+          current[section[1]] = float(m.group(1))
+          section = None
+  flush()
+  return rows
+
+
+def read_run(path: str, sal_metric: str) -> list[tuple[int | None, dict[str, float]]]:
+  """Eval records of a workdir (metrics.jsonl) or a user-fork log (file or its directory)."""
+  if os.path.isdir(path):
+    for name, reader in (('metrics.jsonl', lambda p: read_jsonl(p, sal_metric)),
+                         ('log_rank0.txt', read_fork_log)):
+      if os.path.exists(os.path.join(path, name)):
+        return reader(os.path.join(path, name))
+    raise DeltaMError(f'{path} has neither metrics.jsonl nor log_rank0.txt; pass a workdir of '
+                      'launch.py or a user-fork log')
+  if not os.path.exists(path):
+    raise DeltaMError(f'{path} does not exist')
+  return read_jsonl(path, sal_metric) if path.endswith('.jsonl') else read_fork_log(path)
+
+
+def table(runs: dict[str, list], baselines: dict[str, float], tasks: list[str]):
+  """(rows, summary): rows = [run, step, *metrics, Δm] for every complete record and a
+  'best' row per run; summary = (mean, std) of the runs' best Δm (std None for one run)."""
+  rows, best = [], []
+  for name, records in runs.items():
+    complete = [(step, m) for step, m in records if all(t in m for t in tasks)]
+    if not complete:
+      raise DeltaMError(f'{name}: no eval record has all of {", ".join(tasks)}; choose --tasks '
+                        'among the metrics the run reports')
+    scored = [(step, m, delta_m(m, baselines, tasks)) for step, m in complete]
+    rows += [[name, step, *(m[t] for t in tasks), dm] for step, m, dm in scored]
+    step, m, dm = max(scored, key=lambda r: r[2])
+    rows.append([name, f'best ({step})', *(m[t] for t in tasks), dm])
+    best.append(dm)
+  std = statistics.stdev(best) if len(best) > 1 else None
+  return rows, (statistics.fmean(best), std)
+
+
+def render(rows, summary, baselines, tasks) -> tuple[str, str]:
+  """(CSV text, Markdown text)."""
+  header = ['run', 'step', *(f'{t}/{METRICS[t][0]}' for t in tasks), 'delta_m_percent']
+  mean, std = summary
+  buf = io.StringIO()
+  writer = csv.writer(buf, lineterminator='\n')
+  writer.writerow(header)
+  writer.writerow(['baseline', '', *(baselines[t] for t in tasks), 0.0])
+  writer.writerows(rows)
+  writer.writerow(['mean_of_best', '', *([''] * len(tasks)), mean])
+  if std is not None:
+    writer.writerow(['std_of_best', '', *([''] * len(tasks)), std])
+  fmt = lambda v: f'{v:.4g}' if isinstance(v, float) else str(v)
+  md = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header),
+        '| baseline | | ' + ' | '.join(fmt(baselines[t]) for t in tasks) + ' | 0 |']
+  md += ['| ' + ' | '.join(fmt(v) if i < len(r) - 1 else f'{v:+.2f}' for i, v in enumerate(r))
+         + ' |' for r in rows]
+  runs = len({r[0] for r in rows})
+  spread = '' if std is None else f' ± {std:.2f} (mean ± std over {runs} runs)'
+  md.append(f'\nΔm of the best step: {mean:+.2f}{spread}')
+  return buf.getvalue(), '\n'.join(md) + '\n'
+
+
+def _write_atomic(path: str, text: str) -> None:
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('runs', nargs='+', help='workdirs (metrics.jsonl) or user-fork logs')
+  parser.add_argument('--baselines', required=True,
+                      help=f'a preset ({", ".join(PRESETS)}) or task=value,...')
+  parser.add_argument('--tasks', default='', help='comma list (default: tasks of --baselines)')
+  parser.add_argument('--sal_metric', default='miou', choices=['miou', 'maxf'])
+  parser.add_argument('--output', default='', help='OUTPUT[.csv|.md] prefix')
+  args = parser.parse_args(argv)
+  try:
+    baselines = parse_baselines(args.baselines)
+    tasks = [FORK_TASKS.get(t, t) for t in filter(None, args.tasks.split(','))] or list(baselines)
+    unknown = [t for t in tasks if t not in baselines]
+    if unknown:
+      raise DeltaMError(f'no baseline for {", ".join(unknown)}; add it to --baselines')
+    runs = {path: read_run(path, args.sal_metric) for path in args.runs}
+    rows, summary = table(runs, baselines, tasks)
+  except (DeltaMError, OSError, json.JSONDecodeError, KeyError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
+  csv_text, md_text = render(rows, summary, baselines, tasks)
+  first = args.runs[0]
+  output = args.output or os.path.join(first if os.path.isdir(first) else os.path.dirname(first),
+                                       'delta_m')
+  _write_atomic(output + '.csv', csv_text)
+  _write_atomic(output + '.md', md_text)
+  print(md_text, end='')
+  print(f'wrote {output}.csv and {output}.md')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
