@@ -558,3 +558,143 @@ def test_mtlora_checkpoint_round_trip(tmp_path):
   want = mtlora.params_from_torch(sd, config)
   assert_tree_close(params, want['params'])
   assert_tree_close(batch_stats, want['batch_stats'])
+
+
+# -- MLoRE checkpoints (specs/mlore.md §3.5, §7, §8) ----------------------------------------------
+
+# official listing -> (config module, arg, parameters of the mtl_jax model: §7, without the
+# 26,661,804 that the ViT-B variant never uses)
+_MLORE_LISTINGS = {
+    'mlore_state_dict_pascal_vitSp16_MLoRE.txt': ('mlore_pascal', 'vit=S', 42_176_918),
+    'mlore_state_dict_pascal_vitBp16_MLoRE.txt': ('mlore_pascal', 'vit=B', 259_132_406),
+    'mlore_state_dict_pascal_vitLp16_MLoRE.txt': ('mlore_pascal', 'vit=L', 407_690_406),
+    'mlore_state_dict_nyud_vitLp16_MLoRE.txt': ('mlore_nyud', '', 551_625_533),
+}
+_MLORE_DROPPED = r'.*num_batches_tracked|backbone\.(q_fuse|classify_route_[12])\..*|aux_heads\..*'
+
+
+def abstract_listing(name: str, prefix: str = 'module.') -> dict:
+  """The listing as a state dict of jax.ShapeDtypeStruct (DDP `module.` keys, nothing allocated)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return {prefix + k: jax.ShapeDtypeStruct(shape, np.dtype(dtype))
+          for k, (shape, dtype, _) in read_listing(name).items()}
+
+
+@pytest.mark.parametrize('listing', list(_MLORE_LISTINGS))
+def test_mlore_listings_convert(listing):
+  """Every released MLoRE layout converts, abstractly, to exactly the config's model."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import re  # pylint: disable=g-import-not-at-top
+  from mtl_jax.models import mlore  # pylint: disable=g-import-not-at-top
+  module, arg, num_params = _MLORE_LISTINGS[listing]
+  config = _swin_config(module, arg)
+  sd = abstract_listing(listing)
+  dropped = {k for k in sd if re.fullmatch(_MLORE_DROPPED, k[len('module.'):])}
+  params, batch_stats, info = convert.convert_state_dict(sd, 'mlore', config)  # checks all shapes
+  assert info == {'dropped': len(dropped)}
+  assert sum(math.prod(x.shape) for x in jax.tree.leaves(params)) == num_params
+  assert sum(math.prod(x.shape) for x in jax.tree.leaves(batch_stats)) == sum(
+      math.prod(v.shape) for k, v in sd.items() if k.endswith(('running_mean', 'running_var'))
+      and k not in dropped)
+  # ... and every other official tensor is read, with its official shape.
+  assert mlore.torch_state_dict_shapes(config) == {
+      k[len('module.'):]: v.shape for k, v in sd.items() if k not in dropped}
+
+
+def test_mlore_key_errors_are_listed_together():
+  config = _swin_config('mlore_pascal', 'vit=S')
+  sd = abstract_listing('mlore_state_dict_pascal_vitSp16_MLoRE.txt')
+  del sd['module.backbone.MLoRE_2.1.conv3.sal.bias']
+  sd['module.backbone.MLoRE_1.0.lora_list_1.15.W.bias'] = sd['module.backbone.fea_fuse.0.bias']
+  fuse = sd['module.backbone.fea_fuse.2.weight']
+  sd['module.backbone.fea_fuse.2.weight'] = fuse.update(shape=(192, 384, 3, 3))
+  with pytest.raises(ConfigError) as e:
+    convert.convert_state_dict(sd, 'mlore', config)
+  message = str(e.value)
+  assert '1 missing: backbone.MLoRE_2.1.conv3.sal.bias' in message
+  assert '1 unexpected: backbone.MLoRE_1.0.lora_list_1.15.W.bias' in message
+  assert ('1 shape-mismatched: backbone.fea_fuse.2.weight (192, 384, 3, 3) (expected '
+          '(192, 384, 1, 1))') in message
+  # A NYUD checkpoint for a PASCAL config: both task sets named, the counts in full.
+  with pytest.raises(ConfigError, match=r'(?s)\d+ missing: .*human_parts.*\d+ unexpected: '
+                                        r'.*depth.* and \d+ more'):
+    convert.convert_state_dict(abstract_listing('mlore_state_dict_nyud_vitLp16_MLoRE.txt'),
+                               'mlore', _swin_config('mlore_pascal', 'vit=L'))
+
+
+def test_mlore_checkpoint_round_trip(tfds_dir, tmp_path):
+  """Official-format .pth of the fixture weights -> convert -> `config.init_from` of the trainer
+  -> the eval forward reproduces the official outputs (tests/test_mlore.py has the full parity).
+
+  The trainer runs on synthetic_scenes, whose semseg / human_parts have other class counts, so
+  the model is the fixture's with its sal, normals and edge tasks; per-task parts of the other
+  tasks are left out of the checkpoint (in eval mode a task's output does not depend on them).
+  """
+  import re  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from mtl_jax import train  # pylint: disable=g-import-not-at-top
+  from mtl_jax.models import mlore  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(FIXTURES, 'mlore_pascal_tiny_seed0.json')) as f:
+    config = mlore.config_from_reference(common.get_config(), json.load(f))
+  arrays = np.load(os.path.join(FIXTURES, 'mlore_pascal_tiny_seed0_slim.npz'))
+  tasks = ('sal', 'normals', 'edge')
+  config.tasks = ','.join(tasks)
+  config.dataset.update(name='synthetic_scenes/tiny', data_dir=tfds_dir, build_if_missing=False)
+  config.batch_size = config.eval_batch_size = 2
+  model_sd = {f'module.{k[len("param/"):]}': arrays[k] for k in arrays.files
+              if k.startswith('param/') and not re.search(r'\.(semseg|human_parts)\.', k)}
+  model_sd['module.aux_heads.sal.linear_pred.bias'] = np.zeros(2, np.float32)  # ViT-B's, unused
+  save_pth(tmp_path / 'checkpoint.pth.tar', {
+      'model': model_sd, 'optimizer': {'state': {}, 'param_groups': [{'lr': 2e-5}]},
+      'scheduler': {'last_epoch': 7}, 'epoch': 7, 'iter_count': 40000})
+  metadata = convert.run('mlore', str(tmp_path / 'checkpoint.pth.tar'), str(tmp_path / 'w'),
+                         config)
+  assert metadata['key'] == 'model' and metadata['source_arrays'] == len(model_sd)
+  assert metadata['dropped'] == 1 + sum(k.endswith('num_batches_tracked') for k in model_sd)
+
+  config.init_from = str(tmp_path / 'w')
+  trainer = train.Trainer(config, tmp_path / 'run', devices=jax.devices()[:1])
+  # trainer.init_state() = a random init (a long compile here), then this:
+  blank = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)),
+                       trainer.abstract_state)
+  state = trainer.load_weights(blank, config.init_from)
+  want = mlore.params_from_torch(model_sd, config)
+  assert_tree_close(state.params, want['params'])
+  assert_tree_close(state.batch_stats, want['batch_stats'])
+  preds = jax.jit(lambda s, r, x: trainer._model(trainer.eval_graph, s, r)(x)[0])(  # pylint: disable=protected-access
+      state, trainer.rest, arrays['input'].transpose(0, 2, 3, 1))
+  for t in tasks:
+    want = arrays[f'out/{t}']  # (2, K, 96, 96)[..., ::7, ::7] (make_slim.py)
+    got = np.asarray(preds[t]).transpose(0, 3, 1, 2)[:, :, ::7, ::7]
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0, err_msg=t)
+
+
+def test_mlore_cli_one_error_line(tmp_path):
+  """The tiny fixture checkpoint against the ViT-S config: exit 1, one line, nothing written."""
+  arrays = np.load(os.path.join(FIXTURES, 'mlore_pascal_tiny_seed0_slim.npz'))
+  save_pth(tmp_path / 'tiny.pth', {'model': {
+      f'module.{k[len("param/"):]}': arrays[k] for k in arrays.files if k.startswith('param/')}})
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=ROOT)
+  cmd = [sys.executable, '-m', 'mtl_jax.tools.convert', '--format=mlore',
+         f'--config={os.path.join(ROOT, "configs", "mlore_pascal.py")}:vit=S',
+         f'--input={tmp_path / "tiny.pth"}', f'--output={tmp_path / "out"}']
+  result = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, check=False)
+  assert result.returncode == 1, result.stderr
+  assert result.stderr.strip().count('\n') == 0, result.stderr
+  assert result.stderr.startswith('error: the state dict does not match config.model')
+  assert 'missing: backbone.blocks.8.norm1.weight' in result.stderr
+  assert 'shape-mismatched: backbone.pos_embed (1, 37, 48) (expected (1, 1025, 384))' in (
+      result.stderr)
+  assert sorted(os.listdir(tmp_path)) == ['tiny.pth']
+
+
+def test_timm_vit_into_mlore_backbone(tmp_path):
+  """AugReg ViT -> the ViT of an MLoRE config (grid 5x5 -> 4x4); the decoder is not touched."""
+  config = _swin_config('mlore_pascal', 'smoke')  # ViT patch 8, D 16, depth 4 at 32x32
+  sd = timm_vit(np.random.default_rng(5), d=16, depth=4, patch=8, grid=5)
+  np.savez(tmp_path / 'augreg.npz', **augreg_npz(sd, heads=2))
+  params, batch_stats, info = convert.convert_state_dict(
+      convert.read_state_dict(str(tmp_path / 'augreg.npz'))[0], 'timm_vit', config)
+  assert list(params) == ['backbone'] and not batch_stats
+  assert info == {'dropped': 3, 'pos_embed_resized': '25 -> 4x4'}
+  assert_tree_close(params['backbone'], expected_backbone(sd, (4, 4)), atol=2e-6)

@@ -5,7 +5,10 @@ expected labels below are written out by hand from the patterns it draws (§1.2 
 """
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 
 import ml_collections
 import numpy as np
@@ -14,6 +17,7 @@ import scipy.ndimage
 from skimage import morphology
 import tensorflow_datasets as tfds
 
+from conftest import ROOT, launch_env
 from data_builders import manual_data
 from data_builders.pascal_context import pascal_context_dataset_builder as pc
 from mtl_jax import input_pipeline
@@ -209,3 +213,20 @@ def test_not_built_error_names_the_build_command(tmp_path):
           '--file_format=array_record --manual_dir=<directory holding the downloaded archive>`'
           in str(error.value))
   assert 'build_if_missing' not in str(error.value)
+
+
+@pytest.mark.parametrize('config_file, builder', [('mlore_pascal.py', 'pascal_context'),
+                                                  ('mlore_nyud.py', 'nyud_v2')])
+def test_launch_without_the_dataset_prints_the_build_command(tmp_path, config_file, builder):
+  """The user's main job before the data is built: one error line with the exact build command."""
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, 'launch.py'),
+       f'--config={os.path.join(ROOT, "configs", config_file)}', f'--workdir={tmp_path / "wd"}',
+       f'--config.dataset.data_dir={tmp_path / "tfds"}'],
+      cwd=ROOT, env=launch_env(1), capture_output=True, text=True)
+  assert proc.returncode != 0
+  last = proc.stderr.strip().splitlines()[-1]
+  assert last.startswith('error: ') and (
+      f'python -m data_builders.build data_builders/{builder}') in last, last
+  assert '--manual_dir=<directory holding the downloaded archive>' in last
+  assert not (tmp_path / 'wd').exists()

@@ -194,7 +194,8 @@ class MoEBlock(nnx.Module):
 
   Shared by the tasks: `lora_experts` [lora_list_1] and `share_conv`. `branches` holds one
   `TaskBranch` per task, stacked on a leading task axis (in config.tasks order) and run under
-  `nnx.vmap`: one batched op per layer instead of one per task (and a T-times smaller graph).
+  `jax.vmap` on their split state (so the block also works inside plain jax transforms): one
+  batched op per layer instead of one per task (and a T-times smaller graph).
   `deterministic` (model.train()/eval()) turns the router noise off; the noise comes from the
   block's own RNG stream tagged 'router'. `repara` selects the §3.4 path when BatchNorm uses
   running statistics (eval).
@@ -227,9 +228,10 @@ class MoEBlock(nnx.Module):
     noise = None
     if not self.deterministic:
       noise = jax.random.normal(self.noise_rng(), (num_tasks, batch, self.num_experts))
+    graphdef, state = nnx.split(self.branches)
 
-    @nnx.vmap(in_axes=(0, None, None, None if x.ndim == 4 else 0, None if noise is None else 0))
-    def run(branch, experts, share_conv, x, noise):
+    def run(state, x, noise):
+      branch = nnx.merge(graphdef, state)
       u = branch.conv1(x)
       z = branch.router(u)
       e = self.num_experts
@@ -238,13 +240,18 @@ class MoEBlock(nnx.Module):
         logits = logits + noise * noise_scale
       gates = top_k_gates(logits, self.topk, self.pre_softmax)
       if self.repara and branch.bn_all.use_running_average:
-        v = _reparameterised(u, gates, mix, experts, branch, share_conv)
+        v = _reparameterised(u, gates, mix, self.lora_experts, branch, self.share_conv)
       else:
-        v = (branch.bn_all(experts(u, gates)) + branch.task_lora(u, mix)
-             + share_conv(jax.lax.stop_gradient(u)))
-      return branch.conv3(layers.gelu(branch.bn(v))), gates, z
+        v = (branch.bn_all(self.lora_experts(u, gates)) + branch.task_lora(u, mix)
+             + self.share_conv(jax.lax.stop_gradient(u)))
+      out = branch.conv3(layers.gelu(branch.bn(v)))
+      return out, gates, z, nnx.state(branch, nnx.BatchStat)
 
-    return run(self.branches, self.lora_experts, self.share_conv, x, noise)
+    in_axes = (0, None if x.ndim == 4 else 0, None if noise is None else 0)
+    out, gates, z, batch_stats = jax.vmap(run, in_axes=in_axes)(state, x, noise)
+    if not self.branches.bn.use_running_average:  # training: the updated running statistics
+      nnx.update(self.branches, batch_stats)
+    return out, gates, z
 
 
 def _reparameterised(u: jax.Array, gates: jax.Array, mix: jax.Array, experts: LowRankExperts,
@@ -357,41 +364,63 @@ def build(config, tasks: Mapping[str, tasks_lib.Task], backbone: vit.ViT, *,
 # ------------------------------------------------------------------------------------------------
 # Parity family (mtl_jax/tools/parity.py) and checkpoint conversion (§8).
 
-_DATASETS = {'pascal': 'pascal_context', 'nyud': 'nyud_v2'}
+# Fixture `dataset` (or `db_name`) -> (TFDS dataset, pre_softmax of that dataset's configs, §1).
+_DATASETS = {'pascal': ('pascal_context', False), 'pascalcontext': ('pascal_context', False),
+             'nyud': ('nyud_v2', True), 'nyudv2': ('nyud_v2', True)}
 
 
 def config_from_reference(config: ml_collections.ConfigDict, sidecar: Mapping
                           ) -> ml_collections.ConfigDict:
-  """Sets model, tasks, dataset, input size and loss settings of a fixture sidecar (§10)."""
+  """Sets model, tasks, dataset, input size and loss settings of a fixture sidecar (§10).
+
+  Any fixture of the official code: PASCAL or NYUD task sets, h != w inputs, either pre_softmax
+  (a missing `pre_softmax`, as in the shipped ViT-S yml, means the dataset's value: §1, §9.1),
+  any seed. Loss settings absent from the sidecar keep the config's values.
+  """
   rc = sidecar['reduced_config']
-  if sidecar['dataset'] not in _DATASETS:
-    raise ConfigError(f'fixture dataset {sidecar["dataset"]!r} is not one of {list(_DATASETS)}')
-  img_size = tuple(int(v) for v in rc['img_size'])
-  grid = tuple(v // rc['patch_size'] for v in img_size)
+  names = [str(sidecar.get(k, '')).lower().replace('_', '').replace('-', '')
+           for k in ('dataset', 'db_name')]
+  known = [n for n in names if n in _DATASETS]
+  if not known:
+    raise ConfigError(f'fixture dataset {sidecar.get("dataset")!r} (db_name '
+                      f'{sidecar.get("db_name")!r}) is not one of pascal, nyud')
+  dataset, pre_softmax = _DATASETS[known[0]]
+  size = rc['img_size']
+  img_size = (int(size), int(size)) if np.ndim(size) == 0 else tuple(int(v) for v in size)
+  patch = int(rc['patch_size'])
+  if img_size[0] % patch or img_size[1] % patch:
+    raise ConfigError(f'fixture img_size {img_size} is not a multiple of patch_size {patch}')
+  grid = tuple(v // patch for v in img_size)
   if 'grid' in rc and tuple(rc['grid']) != grid:
     raise ConfigError(f'fixture grid {rc["grid"]} does not match img_size {img_size} / patch '
-                      f'{rc["patch_size"]}')
+                      f'{patch}')
+  num_output = dict(sidecar['num_output'])
+  task_names = list(sidecar.get('tasks') or num_output)
   config.model.name = 'mlore'
   config.model.backbone = ml_collections.ConfigDict(dict(
-      variant='', patch_size=rc['patch_size'], embed_dim=rc['embed_dim'], depth=rc['depth'],
-      num_heads=rc['num_heads'], taps=tuple(rc['select_list']),
-      drop_path_rate=rc['drop_path_rate']))
+      variant='', patch_size=patch, embed_dim=int(rc['embed_dim']), depth=int(rc['depth']),
+      num_heads=int(rc['num_heads']), taps=tuple(int(i) for i in rc['select_list']),
+      drop_path_rate=float(rc.get('drop_path_rate', 0.15))))
   config.model.mlore = ml_collections.ConfigDict(dict(
-      channels=rc['final_embed_dim'], rank_list=tuple(rc['rank_list']), spe_rank=rc['spe_rank'],
-      topk=rc['topk'], pre_softmax=bool(rc['pre_softmax']), repara=False))
-  config.tasks = ','.join(sidecar['tasks'])
+      channels=int(rc['final_embed_dim']), rank_list=tuple(int(r) for r in rc['rank_list']),
+      spe_rank=int(rc['spe_rank']), topk=int(rc['topk']),
+      pre_softmax=bool(rc.get('pre_softmax', pre_softmax)), repara=False))
+  config.tasks = ','.join(task_names)
   config.convention = 'mlore'
-  config.dataset.name = _DATASETS[sidecar['dataset']]
+  config.dataset.name = dataset
   config.input.crop_size = img_size
-  weights = dict(rc['loss_weights'])
-  config.load_balancing_weight = float(weights.pop('load_balancing', 0.0))
+  weights = dict(rc.get('loss_weights', {}))
+  if 'load_balancing' in weights:
+    config.load_balancing_weight = float(weights.pop('load_balancing'))
   config.loss_weights.update({k: float(v) for k, v in weights.items()})
-  config.edge_w = float(rc['edge_w'])
+  if 'edge_w' in rc:
+    config.edge_w = float(rc['edge_w'])
   tasks = tasks_lib.get_tasks(config.tasks, config.dataset.name, config.convention)
-  for name, n in sidecar['num_output'].items():
-    if tasks[name].num_outputs != n:
+  for name, n in num_output.items():
+    if name not in tasks or tasks[name].num_outputs != n:
       raise ConfigError(f'fixture task {name!r} has {n} outputs, the task registry '
-                        f'{tasks[name].num_outputs}')
+                        f'{tasks[name].num_outputs if name in tasks else "does not list it"} '
+                        f'(tasks {task_names})')
   return config
 
 
@@ -543,17 +572,19 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict[str,
 
   Accepts the DDP `module.` prefix. Conv (O, I, kh, kw) -> (kh, kw, I, O); Linear (O, I) -> (I, O);
   the 15 experts' W/M tensors are concatenated into `LowRankExperts`' fused arrays. Raises one
-  ConfigError listing every missing, unexpected and shape-mismatched key.
+  ConfigError listing every missing, unexpected and shape-mismatched key. With
+  `jax.ShapeDtypeStruct` values the result is abstract (checks the layout of a large model,
+  e.g. ViT-L, without memory).
   """
   if state_dict and all(k.startswith('module.') for k in state_dict):
     state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
   entries = _torch_entries(config)
   expected = {e.key: e.shape for e in entries}
+  shape = lambda v: tuple(getattr(v, 'shape', np.shape(v)))
   missing = [k for k in expected if k not in state_dict]
   unexpected = [k for k in state_dict if k not in expected and not _ignored(k)]
-  mismatched = [f'{k} {tuple(np.shape(state_dict[k]))} (expected {shape})'
-                for k, shape in expected.items()
-                if k in state_dict and tuple(np.shape(state_dict[k])) != shape]
+  mismatched = [f'{k} {shape(state_dict[k])} (expected {want})' for k, want in expected.items()
+                if k in state_dict and shape(state_dict[k]) != want]
   if missing or unexpected or mismatched:
     def show(name, keys):
       more = f' ... and {len(keys) - 20} more' if len(keys) > 20 else ''
@@ -561,18 +592,26 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict[str,
     raise ConfigError('the state dict does not match config.model / config.tasks / '
                       'config.input.crop_size' + show('missing', missing)
                       + show('unexpected', unexpected) + show('shape-mismatched', mismatched))
+  needed = {k: state_dict[k] for k in expected}
+  if any(isinstance(v, jax.ShapeDtypeStruct) for v in needed.values()):
+    return jax.eval_shape(lambda sd: _assemble(sd, entries, jnp), needed)
+  return _assemble(needed, entries, np)
+
+
+def _assemble(state_dict: Mapping, entries: Sequence[_Entry], xp) -> dict[str, dict]:
+  """The conversion proper, with the array namespace `xp` (numpy, or jax.numpy when traced)."""
   out = {'params': {}, 'batch_stats': {}}
   pieces = collections.defaultdict(list)
   for e in entries:
-    value = e.convert(np.asarray(state_dict[e.key], np.float32))
+    value = e.convert(xp.asarray(state_dict[e.key], xp.float32))
     if e.join:
       pieces[(e.collection, e.path, e.join)].append(value)
     else:
       _set(out[e.collection], e.path, value)
   for (collection, path, join), values in pieces.items():
-    joined = {'concat_last': lambda v: np.concatenate(v, axis=-1),
-              'concat_first': lambda v: np.concatenate(v, axis=0),
-              'stack': np.stack}[join](values)
+    joined = {'concat_last': lambda v: xp.concatenate(v, axis=-1),
+              'concat_first': lambda v: xp.concatenate(v, axis=0),
+              'stack': xp.stack}[join](values)
     _set(out[collection], path, joined)
   return out
 
@@ -583,6 +622,51 @@ def _set(tree: dict, path: tuple, value) -> None:
   tree[path[-1]] = value
 
 
+def params_to_torch(weights: Mapping[str, Mapping], config) -> dict[str, np.ndarray]:
+  """Inverse of `params_from_torch`: {'params'[, 'batch_stats']} -> official state dict (§8).
+
+  Also maps gradients (a `{'params': grads}` tree) to the official names and layouts, which is
+  how tests compare them with the fixtures' `grad/*`. Collections absent from `weights` are
+  skipped; `num_batches_tracked` is not produced.
+  """
+  entries = [e for e in _torch_entries(config) if e.collection in weights]
+  offsets = collections.Counter()  # per joined array: next stack index / concat offset
+  out = {}
+  for e in entries:
+    value = np.asarray(_get(weights[e.collection], e.path))
+    group = (e.collection, e.path, e.join)
+    if e.join == 'stack':
+      value = value[offsets[group]]
+      offsets[group] += 1
+    elif e.join:  # a rank slice: 'concat_last' of W (r, C, 3, 3) / (r,), 'concat_first' of M
+      size = e.shape[0] if e.join == 'concat_last' else e.shape[1]
+      sl = slice(offsets[group], offsets[group] + size)
+      value = value[..., sl] if e.join == 'concat_last' else value[sl]
+      offsets[group] += size
+    if len(e.shape) == 4:  # conv (kh, kw, I, O) -> (O, I, kh, kw); expert up (r, C) -> (C, r, 1, 1)
+      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T[..., None, None]
+    elif len(e.shape) == 2:  # linear (I, O) -> (O, I)
+      value = value.T
+    out[e.key] = value.reshape(e.shape)
+  return out
+
+
+def _get(tree: Mapping, path: tuple):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+@nnx.jit
+def _forward_with_intermediates(model: multitask.MultiTaskModel, images: jax.Array):
+  """(ViT maps, decoder intermediates, predictions); module level, so the compilation is cached
+  across models of the same structure."""
+  features = model.backbone(images)
+  _, _, inter = model.decoder.forward_with_intermediates(features)
+  preds, _ = model(images)
+  return features, inter, preds
+
+
 def reference_arrays(model: multitask.MultiTaskModel, images_nchw: np.ndarray, config
                      ) -> dict[str, np.ndarray]:
   """Fixture arrays (§10) in torch layouts from an eval-mode model: `out/*`, `feat/*` (B, N, D),
@@ -590,20 +674,12 @@ def reference_arrays(model: multitask.MultiTaskModel, images_nchw: np.ndarray, c
   `out_repara/*` (the same model with `repara` on)."""
   del config
   images = jnp.asarray(np.asarray(images_nchw).transpose(0, 2, 3, 1))
-
-  @nnx.jit
-  def forward(model, images):
-    features = model.backbone(images)
-    _, _, inter = model.decoder.forward_with_intermediates(features)
-    preds, _ = model(images)
-    return features, inter, preds
-
   blocks = [m for _, m in nnx.iter_graph(model) if isinstance(m, MoEBlock)]
   saved = [block.repara for block in blocks]
   model.set_attributes(repara=False)
-  features, inter, preds = forward(model, images)
+  features, inter, preds = _forward_with_intermediates(model, images)
   model.set_attributes(repara=True)
-  _, _, preds_repara = forward(model, images)
+  _, _, preds_repara = _forward_with_intermediates(model, images)
   for block, flag in zip(blocks, saved):
     block.repara = flag
 
