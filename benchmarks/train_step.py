@@ -30,6 +30,23 @@ _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after one warm-up step)
 _INPUT_ONLY = flags.DEFINE_bool('input_only', False, 'Time the host input pipeline instead.')
 
 
+def time_train_step(trainer, local_batch, steps: int) -> tuple[float, float, float]:
+  """(first step incl. compile, median, min) seconds of `trainer.train_step` on one batch."""
+  batch = sharding.global_batch(local_batch, trainer.mesh)
+  state = trainer.init_state()
+  t0 = time.perf_counter()
+  state, scalars = trainer.train_step(state, trainer.rest, batch)
+  jax.block_until_ready(scalars)
+  compile_s = time.perf_counter() - t0
+  times = []
+  for _ in range(steps):
+    t0 = time.perf_counter()
+    state, scalars = trainer.train_step(state, trainer.rest, batch)
+    jax.block_until_ready(scalars)
+    times.append(time.perf_counter() - t0)
+  return compile_s, float(np.median(times)), min(times)
+
+
 def main(argv):
   del argv
   config = _CONFIG.value
@@ -43,22 +60,10 @@ def main(argv):
     dt = (time.perf_counter() - t0) / _STEPS.value
     print(f'input pipeline: {dt * 1e3:.1f} ms/batch, {config.batch_size / dt:.1f} img/s')
     return
-  batch = sharding.global_batch(next(it), trainer.mesh)
-  state = trainer.init_state()
-  t0 = time.perf_counter()
-  state, scalars = trainer.train_step(state, trainer.rest, batch)
-  jax.block_until_ready(scalars)
-  compile_s = time.perf_counter() - t0
-  times = []
-  for _ in range(_STEPS.value):
-    t0 = time.perf_counter()
-    state, scalars = trainer.train_step(state, trainer.rest, batch)
-    jax.block_until_ready(scalars)
-    times.append(time.perf_counter() - t0)
-  med = float(np.median(times))
+  compile_s, med, fastest = time_train_step(trainer, next(it), _STEPS.value)
   print(f'{jax.devices()[0].device_kind} x{jax.device_count()} | batch {config.batch_size} | '
         f'first step (compile) {compile_s:.1f} s | median {med * 1e3:.1f} ms/step '
-        f'(min {min(times) * 1e3:.1f}) | {config.batch_size / med:.1f} img/s')
+        f'(min {fastest * 1e3:.1f}) | {config.batch_size / med:.1f} img/s')
 
 
 if __name__ == '__main__':

@@ -74,10 +74,11 @@ class LowRankExperts(nnx.Module):
   equal up to summation order.
   """
 
+  fused = True  # class-wide default; benchmarks/mlore_step.py flips it before building a model
+
   def __init__(self, channels: int, ranks: Sequence[int], *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.ranks = tuple(int(r) for r in ranks)
     self.dtype = dtype
-    self.fused = True
     total = sum(self.ranks)
     self.down_kernel = nnx.Param(
         layers.torch_kernel_init()(rngs.params(), (3, 3, channels, total)))
