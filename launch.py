@@ -3,6 +3,11 @@ r"""Entry point: train or evaluate one configured job.
   python launch.py --config=configs/demo.py --workdir=runs/demo
   python launch.py --config=configs/demo.py:smoke --workdir=/tmp/x --config.total_steps=10
   python launch.py --config=configs/demo.py --workdir=runs/demo --mode=eval
+  python launch.py --config=configs/mlore_pascal.py --workdir=runs/x --mode=eval \
+      --config.save_predictions=True --config.eval_boundary=True
+
+Eval mode writes WORKDIR/eval_metrics.jsonl; `save_predictions` adds WORKDIR/predictions/<task>/
+<id>.png in the references' layout and `eval_boundary` the SEISM boundary scores (configs/common.py).
 
 A run in a workdir that already holds checkpoints resumes from the latest one. On multi-host
 TPU VMs / multi-node GPU jobs pass --jax_distributed on every host (see README.md).

@@ -41,6 +41,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.num_eval_images = 4  # examples drawn in the prediction grid at every eval
   c.init_from = ''  # weights-only start: a checkpoint dir (see mtl_jax/checkpoint.py)
+  # Evaluation (mtl_jax/metrics.py module docstring). The metric set and names of one reference:
+  # 'mlore' | 'mtlora' | '' (= config.convention). The resolution metrics see is chosen by
+  # config.input.augment ('mlore' pads: original resolution; 'mtlora' resizes labels).
+  c.eval_protocol = ''
+  # Boundary odsF / oisF / AP (SEISM, mtl_jax/boundary.py) of the edge predictions at every eval,
+  # as eval/edge/odsF etc.; slow (about 2 s per image and CPU core).
+  c.eval_boundary = False
+  c.eval_boundary_workers = 0  # processes per host for it; 0 = every CPU core, 1 = inline
+  # Every eval writes WORKDIR/predictions/<task>/<id>.png (depth: <id>.mat) at the original image
+  # size, as the reference saves them, for external tools (e.g. mtl_jax.tools.eval_boundary).
+  c.save_predictions = False
 
   # Tasks (mtl_jax/tasks.py) as a comma-separated list, and the reference convention.
   c.tasks = 'semseg,human_parts,sal,normals,edge'

@@ -37,7 +37,7 @@ GPU/TPU work (the reference trains on 2 GPUs).
 Expected (the reference README, §5; semseg mIoU / human_parts mIoU / sal maxF / normals mean deg
 / edge odsF): ViT-L 81.41 / 70.52 / 84.90 / 13.51 / 75.42; ViT-B 79.26 / 67.82 / 85.31 / 13.65 /
 74.69; ViT-S: no published numbers. odsF comes from the boundary evaluation of saved edge maps
-(mtl_jax/boundary.py); the in-training eval logs the edge loss only.
+(mtl_jax/boundary.py; `--config.eval_boundary=True` in eval runs).
 
 Args: vit ('S' | 'B' | 'L', default 'L'), repara (False), smoke (a tiny ViT + MLoRE on
 synthetic_scenes/tiny at 32x32, 5 experts, 6 steps of batch 4: tests and CPU checks).

@@ -6,7 +6,8 @@ per-image values), exactly as the reference meters pool them, and turns them int
 `compute`. Contract with the trainer:
 
 * `from_model_output(preds, batch)` runs under `jax.jit` on global (sharded) batches; its leaves are
-  small replicated arrays: int32 counts and float32 sums of one batch.
+  small replicated arrays: int32 counts and float32 sums of one batch, so the statistics are
+  global over the devices and hosts of the mesh.
 * On the host the per-batch metrics are `jax.device_get`-ed, integer leaves widened to int64 and
   float leaves to float64, and merged with `merge`, which only adds leaves (numpy or jax).
 * `compute` runs on the host with numpy (float64) and returns a dict of Python floats; a
@@ -14,16 +15,35 @@ per-image values), exactly as the reference meters pool them, and turns them int
   ``{'task/metric': value}`` for logging.
 
 Examples whose ``batch['example_valid']`` is False (padding of the last eval batch) contribute
-nothing. Keys (the task registry's `main_metric` is one of them):
+nothing. The evaluation *protocol* (`make_metrics`, ``config.eval_protocol``) picks the reported
+keys, named as the reference prints them; the resolution the metrics see is the input
+pipeline's (``config.input.augment``: 'mlore' pads to the original resolution, padding ignored;
+'mtlora' resizes image and labels). The task registry's `main_metric` is one of the keys of the
+protocol of the same name.
+
+``'mlore'`` (MLoRE / InvPT meters, specs/mlore.md §6):
 
 * segmentation: `miou` (x100, mean over all classes, absent classes count 0), `pixel_acc`.
-* saliency: `maxf` (MLoRE/InvPT/MTLoRA "Beta maxF" incl. the double-sigmoid quirk), `maxf_correct`
-  (the same without the second sigmoid), `miou` and `maxf_mtlora` (MTLoRA's per-image protocol).
-* normals: `mean`, `median`, `rmse`, `within_11.25`, `within_22.5`, `within_30` (degrees / %).
-  The median comes from a histogram with 0.01° bins centred on multiples of 0.01° (error <= 0.005°).
-* depth: `rmse`, `log_rmse`, `abs_rel`, `sq_rel` (MLoRE DepthMeter) and `rmse_predict_mean`, the
-  RMSE of predicting the mean depth of the evaluated pixels (the trivial baseline).
-* edge: `loss`, the references' loss proxy (not ODS-F).
+* saliency: `maxf` (InvPT "maxF" incl. the double-sigmoid quirk, what the papers publish) and
+  `maxf_correct` (the same pooled F-beta without the second sigmoid).
+* normals: `mean` (the reference's only number) and the full ASTMT statistics `median`, `rmse`,
+  `within_11.25`, `within_22.5`, `within_30` (degrees / %). The median comes from a histogram with
+  0.01° bins centred on multiples of 0.01° (error <= 0.005°).
+* depth: `rmse`, `log_rmse`, `abs_rel`, `sq_rel` (DepthMeter, valid 0 < gt < 80) and
+  `rmse_predict_mean`, the RMSE of predicting the mean depth of the evaluated pixels (the trivial
+  baseline).
+* edge: `loss`, the references' loss proxy (not ODS-F; the trainer adds `odsF`, `oisF`, `ap`
+  with ``config.eval_boundary``).
+
+``'mtlora'`` (MTLoRA meters, specs/mtlora.md §9, specs/datasets_metrics.md §4.2-4.4):
+
+* segmentation: `miou`, `pixel_acc`.
+* saliency: `beta_maxf` (its "Beta maxF" = the quirk above), `maxf` (per-image protocol,
+  beta^2 = 1) and `miou` (per-image Jaccard, max over 15 thresholds: the paper's number).
+* normals: `mean` (v1: acos of the dot product with the label as is), `rmse` (= `mean`, the
+  reference's bug), `mean_v2` (the InvPT angle), `rmse_v2` (= `mean_v2`).
+* depth: `rmse`, `log_rmse` (valid gt > 0, no upper bound), `rmse_predict_mean`.
+* edge: `loss`.
 """
 
 import operator
@@ -36,6 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_jax import ConfigError
 from mtl_jax.losses import weighted_bce_per_pixel
 from mtl_jax.tasks import IGNORE_INDEX, Task
 
@@ -49,6 +70,7 @@ NORMALS_BINS = int(round(180 / NORMALS_BIN_DEG)) + 1
 NORMALS_WITHIN_DEG = (11.25, 22.5, 30.0)
 # MLoRE DepthMeter evaluation range (depth_min / depth_max of the NYUD configs).
 DEPTH_MIN, DEPTH_MAX = 0.0, 80.0
+PROTOCOLS = ('mlore', 'mtlora')
 
 
 def _isum(x: jax.Array, axis=None) -> jax.Array:
@@ -65,6 +87,7 @@ def _divide(a, b):
 class TaskMetric(clu_metrics.Metric):
   """Base class: a metric of one task; `for_task` binds the task name (like clu's `from_output`)."""
   task: ClassVar[str] = ''
+  protocol: ClassVar[str] = 'mlore'  # one of PROTOCOLS: picks the keys `compute` returns
 
   @classmethod
   def for_task(cls, task: Task, **options):
@@ -182,13 +205,14 @@ class SaliencyMetric(TaskMetric):
         f = (1 + BETA_SQUARED) * p * r / (BETA_SQUARED * p + r)
       return 100 * float(np.max(np.nan_to_num(f, nan=0.0)))
 
+    quirk = max_fbeta(self.tp_quirk, self.pp_quirk)
+    if self.protocol == 'mlore':
+      return {'maxf': quirk, 'maxf_correct': max_fbeta(self.tp, self.pp)}
     m_prec = _divide(self.precision, self.num_images)
     m_rec = _divide(self.recall, self.num_images)
     f_mtlora = 2 * m_prec * m_rec / (m_prec + m_rec + 1e-12)
-    return {'maxf': max_fbeta(self.tp_quirk, self.pp_quirk),
-            'maxf_correct': max_fbeta(self.tp, self.pp),
-            'miou': 100 * float(np.max(_divide(self.jaccard, self.num_images))),
-            'maxf_mtlora': 100 * float(np.max(f_mtlora))}
+    return {'beta_maxf': quirk, 'maxf': 100 * float(np.max(f_mtlora)),
+            'miou': 100 * float(np.max(_divide(self.jaccard, self.num_images)))}
 
 
 def _unit(x: jax.Array) -> jax.Array:
@@ -202,8 +226,12 @@ class NormalsMetric(TaskMetric):
   """Angular error 2·atan2(|p-g|, |p+g|) of the unit vectors, in degrees (§4.3, InvPT formula).
 
   Valid = no GT channel equals 255. Sums, counts below 11.25/22.5/30° (strict `<`) and a
-  histogram of 0.01° bins for the median.
+  histogram of 0.01° bins for the median. Plus MTLoRA's v1 angle: acos(clip(p·g, -1, 1)) with p
+  the unit prediction after the 0-255 encoding round trip, g the label as is, both zeroed on
+  channels where the label is 255; valid = label channel 0 != 255.
   """
+  sum_deg_v1: jax.Array
+  count_v1: jax.Array
   sum_deg: jax.Array
   sum_deg_sq: jax.Array
   count: jax.Array
@@ -219,6 +247,13 @@ class NormalsMetric(TaskMetric):
     deg = jnp.rad2deg(2 * jnp.arctan2(jnp.linalg.norm(p - g, axis=-1),
                                       jnp.linalg.norm(p + g, axis=-1)))
     deg = jnp.where(valid, deg, 0.0)
+    # MTLoRA v1 (get_output's F.normalize, eps 1e-12, then `2 * (255 (u + 1) / 2) / 255 - 1`).
+    unit = pred / jnp.maximum(jnp.linalg.norm(pred, axis=-1, keepdims=True), 1e-12)
+    decoded = 2 * (255 * (unit + 1) / 2) / 255 - 1
+    channel_valid = label != IGNORE_INDEX
+    dot = jnp.sum(jnp.where(channel_valid, decoded * label, 0.0), axis=-1)
+    valid_v1 = channel_valid[..., 0] & example
+    deg_v1 = jnp.where(valid_v1, jnp.rad2deg(jnp.arccos(jnp.clip(dot, -1.0, 1.0))), 0.0)
     # Per-image histograms summed over the batch: the batch axis stays local to each device (a
     # single scatter over the whole sharded batch needs an explicit output sharding).
     bins = jnp.clip(jnp.round(deg / NORMALS_BIN_DEG), 0, NORMALS_BINS - 1).astype(jnp.int32)
@@ -226,17 +261,22 @@ class NormalsMetric(TaskMetric):
         bins.reshape(bins.shape[0], -1), valid.reshape(valid.shape[0], -1).astype(jnp.int32))
     hist = _isum(hist, axis=0)
     within = jnp.stack([_isum(valid & (deg < t)) for t in NORMALS_WITHIN_DEG])
-    return cls(sum_deg=jnp.sum(deg), sum_deg_sq=jnp.sum(jnp.square(deg)), count=_isum(valid),
-               within=within, hist=hist)
+    return cls(sum_deg_v1=jnp.sum(deg_v1), count_v1=_isum(valid_v1), sum_deg=jnp.sum(deg),
+               sum_deg_sq=jnp.sum(jnp.square(deg)), count=_isum(valid), within=within, hist=hist)
 
   @classmethod
   def empty(cls):
-    return cls(sum_deg=np.float64(0), sum_deg_sq=np.float64(0), count=np.int64(0),
+    return cls(sum_deg_v1=np.float64(0), count_v1=np.int64(0), sum_deg=np.float64(0),
+               sum_deg_sq=np.float64(0), count=np.int64(0),
                within=np.zeros(len(NORMALS_WITHIN_DEG), np.int64),
                hist=np.zeros(NORMALS_BINS, np.int64))
 
   def compute(self):
     n = int(self.count)
+    if self.protocol == 'mtlora':
+      mean_v1, mean_v2 = float(_divide(self.sum_deg_v1, self.count_v1)), float(_divide(
+          self.sum_deg, n))
+      return {'mean': mean_v1, 'rmse': mean_v1, 'mean_v2': mean_v2, 'rmse_v2': mean_v2}
     cdf = np.cumsum(np.asarray(self.hist, np.int64))
     # numpy's median: mean of the values of (0-based) ranks (n-1)//2 and n//2.
     ranks = np.array([(n - 1) // 2, n // 2]) + 1
@@ -250,8 +290,9 @@ class NormalsMetric(TaskMetric):
 
 @flax.struct.dataclass
 class DepthMetric(TaskMetric):
-  """MLoRE DepthMeter (§4.4): pred clamped >= 0 (then <= 0 -> 1e-9), valid = 0 < gt < 80,
-  pixel-pooled sums; plus sums of gt and gt^2 for the predict-the-mean baseline."""
+  """Depth meters (§4.4): pred clamped >= 0 (then <= 0 -> 1e-9), valid = 0 < gt < `max_depth`
+  (MLoRE DepthMeter: 80; MTLoRA: gt != 255 after 0 -> 255, i.e. no upper bound), pixel-pooled
+  sums; plus sums of gt and gt^2 for the predict-the-mean baseline."""
   sum_sq: jax.Array
   sum_log_sq: jax.Array
   sum_abs_rel: jax.Array
@@ -259,6 +300,7 @@ class DepthMetric(TaskMetric):
   sum_gt: jax.Array
   sum_gt_sq: jax.Array
   count: jax.Array
+  max_depth: ClassVar[float] = DEPTH_MAX
 
   @classmethod
   def from_model_output(cls, preds, batch, **_):
@@ -266,7 +308,7 @@ class DepthMetric(TaskMetric):
     p = jnp.maximum(pred[..., 0], 0.0)
     p = jnp.where(p <= 0, 1e-9, p)
     g = label[..., 0].astype(jnp.float32)
-    valid = (g > DEPTH_MIN) & (g < DEPTH_MAX) & example
+    valid = (g > DEPTH_MIN) & (g < cls.max_depth) & example
     g = jnp.where(valid, g, 1.0)
     masked_sum = lambda v: jnp.sum(jnp.where(valid, v, 0.0))
     sq = jnp.square(g - p)
@@ -283,10 +325,12 @@ class DepthMetric(TaskMetric):
   def compute(self):
     mean = lambda v: float(_divide(v, self.count))
     var = mean(self.sum_gt_sq) - mean(self.sum_gt) ** 2
-    return {'rmse': float(np.sqrt(mean(self.sum_sq))),
-            'log_rmse': float(np.sqrt(mean(self.sum_log_sq))),
-            'abs_rel': mean(self.sum_abs_rel), 'sq_rel': mean(self.sum_sq_rel),
-            'rmse_predict_mean': float(np.sqrt(max(var, 0.0))) if self.count else np.nan}
+    out = {'rmse': float(np.sqrt(mean(self.sum_sq))),
+           'log_rmse': float(np.sqrt(mean(self.sum_log_sq)))}
+    if self.protocol == 'mlore':
+      out.update(abs_rel=mean(self.sum_abs_rel), sq_rel=mean(self.sum_sq_rel))
+    out['rmse_predict_mean'] = float(np.sqrt(max(var, 0.0))) if self.count else np.nan
+    return out
 
 
 @flax.struct.dataclass
@@ -322,13 +366,19 @@ _METRICS = {
 }
 
 
-def make_metrics(tasks: Mapping[str, Task], *, edge_w: float) -> type[clu_metrics.Collection]:
-  """A `clu.metrics.Collection` with one field per task name (see the module docstring)."""
+def make_metrics(tasks: Mapping[str, Task], *, edge_w: float,
+                 protocol: str = 'mlore') -> type[clu_metrics.Collection]:
+  """A `clu.metrics.Collection` with one field per task name, reporting the keys of `protocol`
+  (see the module docstring). Raises ConfigError for an unknown protocol."""
+  if protocol not in PROTOCOLS:
+    raise ConfigError(f'unknown evaluation protocol {protocol!r}; known: {", ".join(PROTOCOLS)} '
+                      '(set --config.eval_protocol)')
   fields = {}
   for name, task in tasks.items():
     options = {'segmentation': {'num_classes': task.num_classes},
+               'depth': {'max_depth': DEPTH_MAX if protocol == 'mlore' else np.inf},
                'edge': {'edge_w': edge_w}}.get(task.kind, {})
-    fields[name] = _METRICS[task.kind].for_task(task, **options)
+    fields[name] = _METRICS[task.kind].for_task(task, protocol=protocol, **options)
   return clu_metrics.Collection.create(**fields)
 
 

@@ -5,6 +5,13 @@ evaluates the latest checkpoint of a workdir (or `config.init_from`). Everything
 user input is checked in `Trainer.__init__` before the workdir is touched, so bad input fails
 with one `ConfigError` line and no half-written output.
 
+Evaluation (`Trainer.evaluate`) reports the metrics of ``config.eval_protocol``
+(mtl_jax/metrics.py), accumulated over every batch and host. Two per-example options bring the
+process-local predictions to the host, back at each example's original size
+(`to_original_size`): ``config.eval_boundary`` adds SEISM's boundary odsF / oisF / AP of the edge
+predictions (mtl_jax/boundary.py, specs/datasets_metrics.md §4.5) and ``config.save_predictions``
+writes them as the references save them (`save_prediction`): WORKDIR/predictions/<task>/<id>.png.
+
 Design (specs/anchors.md "What to copy"): the model is an NNX module split once into a static
 graph and pure-dict state; the train state `{step, params, frozen, batch_stats, opt_state}` lives
 on a `Mesh` from `config.mesh` with shardings from `config.param_sharding` rules, the batch is
@@ -14,8 +21,12 @@ donated. BatchNorm statistics are plain means over the global batch, i.e. SyncBN
 same numbers as an uninterrupted one and results do not depend on the device count.
 """
 
+import collections
+from concurrent import futures
 import dataclasses
 import functools
+import io
+import multiprocessing
 import os
 import re
 import time
@@ -24,15 +35,20 @@ from typing import Any
 from absl import logging
 from clu import parameter_overview
 from clu import periodic_actions
+import cv2
 from etils import epath
 import flax
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
+from PIL import Image
+import scipy.io
 
 from mtl_jax import ConfigError
+from mtl_jax import boundary
 from mtl_jax import checkpoint
 from mtl_jax import input_pipeline
 from mtl_jax import losses
@@ -75,7 +91,15 @@ def validate_config(config, num_devices: int) -> dict[str, tasks_lib.Task]:
     if config[key] and config[key] % num_devices:
       raise ConfigError(f'config.{key}={config[key]} is not divisible by the {num_devices} '
                         f'devices of the mesh; use a multiple of {num_devices}')
+  if config.eval_boundary and 'edge' not in tasks:
+    raise ConfigError('config.eval_boundary needs the edge task; add edge to --config.tasks or '
+                      'set --config.eval_boundary=False')
   return tasks
+
+
+def eval_protocol(config) -> str:
+  """``config.eval_protocol``, '' meaning ``config.convention``."""
+  return config.eval_protocol or config.convention
 
 
 def frozen_filter(patterns):
@@ -97,7 +121,11 @@ class Trainer:
       raise ConfigError(str(e)) from e
     self.tasks = validate_config(config, self.mesh.size)
     self.tx, self.schedule = optim.make_optimizer(config)
-    self.metrics_cls = metrics_lib.make_metrics(self.tasks, edge_w=config.edge_w)
+    self.metrics_cls = metrics_lib.make_metrics(self.tasks, edge_w=config.edge_w,
+                                                protocol=eval_protocol(config))
+    # Tasks whose full predictions come to the host at every eval (per-example options).
+    self.host_tasks = (tuple(self.tasks) if config.save_predictions
+                       else ('edge',) if config.eval_boundary else ())
     # Data sources first: a dataset that is not built is a ConfigError.
     self.train_source = input_pipeline.open_data_source(config.dataset, config.dataset.train_split)
     self.eval_source = input_pipeline.open_data_source(config.dataset, config.dataset.eval_split)
@@ -123,7 +151,7 @@ class Trainer:
     self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, repl, batch),
                               out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
     self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding, repl, batch),
-                             out_shardings=repl)
+                             out_shardings=(repl, repl, batch))
 
   # -- state ---------------------------------------------------------------------------------
 
@@ -213,21 +241,61 @@ class Trainer:
     preds, _ = self._model(self.eval_graph, state, rest)(batch['image'])
     metric = self.metrics_cls.single_from_model_output(preds=preds, batch=batch)
     n = self.config.num_eval_images
-    return metric, jax.tree.map(lambda p: p[:n], preds)
+    return (metric, jax.tree.map(lambda p: p[:n], preds),
+            {name: preds[name] for name in self.host_tasks})
 
   # -- evaluation ----------------------------------------------------------------------------
 
   def evaluate(self, state: TrainState, eval_iter) -> tuple[dict[str, float], dict]:
-    """Metrics over the whole eval split and (first batch) inputs, labels and predictions."""
-    total, sample = None, None
+    """Metrics over the whole eval split and (first batch) inputs, labels and predictions.
+
+    With ``config.eval_boundary`` / ``config.save_predictions`` every valid example of this
+    process is also scored / written (see the module docstring); `eval_iter` must then be
+    make_eval_iterator's over `self.eval_source`.
+    """
+    config = self.config
+    boundary_eval = BoundaryEvaluation(
+        tasks_lib.DATASETS[dataset_kind(config)].edge_max_dist,
+        config.eval_boundary_workers) if config.eval_boundary else None
+    total, sample, position = None, None, 0
     for local in eval_iter:
-      metric, preds = self.eval_step(state, self.rest, sharding.global_batch(local, self.mesh))
+      metric, preds, host = self.eval_step(state, self.rest,
+                                           sharding.global_batch(local, self.mesh))
       metric = jax.tree.map(_widen, jax.device_get(metric))
       total = metric if total is None else total.merge(metric)
       if sample is None:
-        sample = {'batch': jax.tree.map(lambda x: x[:self.config.num_eval_images], local),
+        sample = {'batch': jax.tree.map(lambda x: x[:config.num_eval_images], local),
                   'preds': jax.device_get(preds)}
-    return metrics_lib.flatten(total.compute()), sample
+      if self.host_tasks:
+        host = {name: _local_rows(x) for name, x in host.items()}
+        for i in np.flatnonzero(local['example_valid']):
+          self._per_example({name: x[i] for name, x in host.items()}, position + i,
+                            boundary_eval)
+      position += len(local['example_valid'])
+    metrics = metrics_lib.flatten(total.compute())
+    if boundary_eval:
+      metrics.update({f'edge/{k}': v for k, v in boundary_eval.scores().items()})
+    return metrics, sample
+
+  def _per_example(self, preds: dict[str, np.ndarray], position: int,
+                   boundary_eval: 'BoundaryEvaluation | None') -> None:
+    """Boundary counts and saved predictions of the `position`-th example of this process.
+
+    make_eval_iterator gives process p the examples p, p + P, p + 2P, ... of the split, so the
+    example's id, original size and boundary ground truth are read back from the source.
+    """
+    example = self.eval_source[jax.process_index() + jax.process_count() * position]
+    image_id = _text(example['id'])
+    size = tuple(example['image'].shape[:2])
+    original = {name: to_original_size(pred, size, self.config.input.augment)
+                for name, pred in preds.items()}
+    if boundary_eval:
+      labels = example['label_map'] if 'label_map' in example else example['edge'][..., 0]
+      boundary_eval.add(boundary.to_png(original['edge'][..., 0]), labels)
+    if self.config.save_predictions:
+      for name, pred in original.items():
+        save_prediction(self.workdir / 'predictions' / name, image_id, self.tasks[name], pred,
+                        self.config.convention)
 
   def prediction_grid(self, sample) -> np.ndarray:
     """Rows = examples; columns = input, then label and prediction for every task."""
@@ -248,6 +316,124 @@ class Trainer:
         row.append(tasks_lib.render(task, preds[name][i], depth_range=depth_range))
       rows.append(row)
     return reporting.image_grid(rows)
+
+
+def to_original_size(pred: np.ndarray, size: tuple[int, int], augment: str) -> np.ndarray:
+  """A (H, W, C) prediction on the eval input, back at the example's original (h, w) `size`.
+
+  'mlore' eval padded the image: the centred crop (top = (H - h) // 2, the references'
+  `save_model_pred_for_one_task`). 'mtlora' eval resized it: the logits are resized back
+  (bilinear; the reference does not save predictions).
+  """
+  h, w = size
+  if augment == 'mtlora':
+    if pred.shape[:2] == (h, w):
+      return pred
+    out = cv2.resize(np.asarray(pred, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    return out.reshape(h, w, pred.shape[-1])  # cv2 drops a channel axis of size 1
+  top, left = (pred.shape[0] - h) // 2, (pred.shape[1] - w) // 2
+  return pred[top:top + h, left:left + w]
+
+
+def encode_prediction(task: tasks_lib.Task, pred: np.ndarray, convention: str) -> np.ndarray:
+  """The saved form of a (h, w, C) prediction: the references' `get_output` and uint8 cast.
+
+  segmentation: argmax ids; saliency: 255 x softmax[..., 1] (2 channels) or 255 x sigmoid;
+  edge: `boundary.to_png`; normals: 255 (normalize(x) + 1) / 2 as RGB; all truncated to uint8.
+  depth: float32 metres, clamped at 0 for 'mlore' (MTLoRA saves the raw output).
+  """
+  pred = np.asarray(pred, np.float32)
+  if task.kind == 'segmentation':
+    return pred.argmax(-1).astype(np.uint8)
+  if task.kind == 'saliency':
+    with np.errstate(over='ignore'):  # exp overflow -> probability 0, as in torch
+      if pred.shape[-1] == 2:
+        prob = np.float32(1) / (np.float32(1) + np.exp(pred[..., 0] - pred[..., 1]))
+      else:
+        prob = np.float32(1) / (np.float32(1) + np.exp(-pred[..., 0]))
+    return (np.float32(255) * prob).astype(np.uint8)
+  if task.kind == 'edge':
+    return boundary.to_png(pred[..., 0])
+  if task.kind == 'normals':
+    unit = pred / np.maximum(np.linalg.norm(pred, axis=-1, keepdims=True), 1e-12)
+    return (255 * (unit + 1) / 2).astype(np.uint8)
+  if task.kind == 'depth':
+    return np.maximum(pred[..., 0], 0) if convention == 'mlore' else pred[..., 0]
+  raise ValueError(f'cannot save task kind {task.kind!r}')
+
+
+def save_prediction(directory, image_id: str, task: tasks_lib.Task, pred: np.ndarray,
+                    convention: str) -> None:
+  """Writes DIRECTORY/<id>.png (8-bit L or RGB), or DIRECTORY/<id>.mat ({'depth': (h, w)}) for
+  depth, as the references' savers do (specs/datasets_metrics.md §4.5 step 1)."""
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  value = encode_prediction(task, pred, convention)
+  buf = io.BytesIO()
+  if task.kind == 'depth':
+    scipy.io.savemat(buf, {'depth': value})
+  else:
+    Image.fromarray(value).save(buf, format='PNG')
+  (directory / f'{image_id}.{"mat" if task.kind == "depth" else "png"}').write_bytes(
+      buf.getvalue())
+
+
+class BoundaryEvaluation:
+  """SEISM counts of one eval pass's edge predictions (mtl_jax/boundary.py), summed over hosts.
+
+  `add` queues one image (PNG at the original size, ground-truth labels) on a pool of
+  `workers` spawned processes (0: every CPU core; 1: evaluated inline), keeping at most
+  4 x workers images in flight; `scores` waits for them and returns odsF, oisF, ap, ... (x100).
+  """
+
+  def __init__(self, max_dist: float, workers: int = 0):
+    self.max_dist = max_dist
+    self.workers = workers or os.cpu_count() or 1
+    self.pool = (futures.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(
+        'spawn')) if self.workers > 1 else None)
+    self.pending, self.counts = collections.deque(), []
+
+  def add(self, png: np.ndarray, labels: np.ndarray) -> None:
+    item = [(np.asarray(png), np.asarray(labels))]
+    if self.pool is None:
+      self.counts.append(boundary.evaluate_images(item, self.max_dist))
+      return
+    self.pending.append(self.pool.submit(boundary.evaluate_images, item, self.max_dist))
+    while len(self.pending) > 4 * self.workers:
+      self.counts.append(self.pending.popleft().result())
+
+  def scores(self) -> dict[str, float]:
+    while self.pending:
+      self.counts.append(self.pending.popleft().result())
+    if self.pool is not None:
+      self.pool.shutdown()
+    counts = (np.concatenate(self.counts) if self.counts
+              else np.zeros((0, len(boundary.THRESHOLDS), 4), np.int64))
+    totals, ois = boundary.reduce_counts(counts)
+    return boundary.scores(_sum_over_hosts(totals), _sum_over_hosts(ois))
+
+
+def _sum_over_hosts(x: np.ndarray) -> np.ndarray:
+  """Exact sum over processes of a non-negative int64 array (< 2^47).
+
+  Gathers move int32 (x64 is off), so the values travel as two 24-bit halves.
+  """
+  if jax.process_count() == 1:
+    return x
+  x = np.asarray(x, np.int64)
+  halves = np.stack([x >> 24, x & (2 ** 24 - 1)]).astype(np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(halves), np.int64).sum(0)
+  return (gathered[0] << 24) + gathered[1]
+
+
+def _local_rows(x: jax.Array) -> np.ndarray:
+  """This process' rows of a batch-sharded global array, in the order of its local batch."""
+  shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
+def _text(value) -> str:
+  return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _widen(x):
@@ -295,7 +481,7 @@ def _write_eval(writer, step, trainer, metrics, sample, workdir) -> None:
       f'{k}={v:.4g}' for k, v in metrics.items() if k.split('/')[-1] in _MAIN_METRICS))
 
 
-_MAIN_METRICS = ('miou', 'maxf', 'mean', 'rmse', 'loss', 'rmse_predict_mean')
+_MAIN_METRICS = ('miou', 'maxf', 'mean', 'rmse', 'loss', 'rmse_predict_mean', 'odsF')
 
 
 def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
@@ -381,7 +567,8 @@ def evaluate_checkpoint(config, workdir) -> dict[str, float]:
   """Evaluates WORKDIR's latest checkpoint, else `config.init_from`.
 
   Writes the eval/* scalars to TensorBoard and WORKDIR/eval_metrics.jsonl (at the checkpoint's
-  step, 0 for init_from), and the prediction grid to WORKDIR/predictions/.
+  step, 0 for init_from), the prediction grid to WORKDIR/predictions/step_*.png and, with
+  ``config.save_predictions``, WORKDIR/predictions/<task>/<id>.png.
   """
   trainer = Trainer(config, workdir)
   step = checkpoint.latest_step(trainer.workdir / 'checkpoints')

@@ -28,9 +28,9 @@ def _stats(cls, preds, batch):
   return _widen(jax.jit(lambda p, b: cls.single_from_model_output(preds=p, batch=b))(preds, batch))
 
 
-def _evaluate(tasks, batches, edge_w=EDGE_W):
+def _evaluate(tasks, batches, edge_w=EDGE_W, protocol='mlore'):
   """Trainer-style loop: jit per batch, merge on the host, compute, flatten."""
-  cls = metrics.make_metrics(tasks, edge_w=edge_w)
+  cls = metrics.make_metrics(tasks, edge_w=edge_w, protocol=protocol)
   total = cls.empty()
   for preds, batch in batches:
     total = total.merge(_stats(cls, preds, batch))
@@ -92,10 +92,10 @@ def test_saliency_mtlora_per_image_hand_computed():
   tasks = get_tasks(['sal'], 'pascal_context', 'mtlora')
   preds = {'sal': _logits_for_probs([[[0.97, 0.93], [0.87, 0.32]], [[0.62, 0.1], [0.1, 0.1]]])}
   gt = np.array([[[1, 1], [0, 0]]] * 2, np.uint8)[..., None]
-  out = _evaluate(tasks, [(preds, {'sal': gt, **_example(2)})])
+  out = _evaluate(tasks, [(preds, {'sal': gt, **_example(2)})], protocol='mtlora')
   assert out['sal/miou'] == pytest.approx(100 * (2 / 3 + 0.5) / 2, rel=1e-6)
   mp, mr = (2 / 3 + 1) / 2, 0.75
-  assert out['sal/maxf_mtlora'] == pytest.approx(100 * 2 * mp * mr / (mp + mr), rel=1e-6)
+  assert out['sal/maxf'] == pytest.approx(100 * 2 * mp * mr / (mp + mr), rel=1e-6)
 
 
 def test_saliency_two_channel_matches_one_channel():
@@ -378,7 +378,7 @@ def test_against_reference_meters(convention):
   # Scale the saliency logits so that the probabilities spread over all thresholds.
   for preds, _ in batches:
     preds['sal'] *= 3
-  out = _evaluate(tasks, batches)
+  out = _evaluate(tasks, batches, protocol=convention)
   cat = lambda name, src: [x for p, b in batches for x in (p, b)[src][name]]
   preds, gts = (lambda n: cat(n, 0)), (lambda n: cat(n, 1))
   for name in ('semseg', 'human_parts'):
@@ -386,14 +386,17 @@ def test_against_reference_meters(convention):
         _ref_semseg(preds(name), gts(name), tasks[name].num_classes), rel=1e-6)
   to_prob = _softmax1 if convention == 'mlore' else (lambda x: _sigmoid(x[..., 0]))
   probs = [to_prob(p) for p in preds('sal')]
-  assert out['sal/maxf'] == pytest.approx(_ref_sal_beta(probs, gts('sal')), rel=1e-6)
-  miou, maxf = _ref_sal_no_beta(probs, gts('sal'))
-  assert out['sal/miou'] == pytest.approx(miou, rel=1e-6)
-  assert out['sal/maxf_mtlora'] == pytest.approx(maxf, rel=1e-6)
-  want = _ref_normals(preds('normals'), gts('normals'))
-  for key, value in want.items():
-    tol = 0.005 + 1e-4 if key == 'median' else 1e-6 * value
-    assert out[f'normals/{key}'] == pytest.approx(value, abs=tol), key
-  for key, value in _ref_depth(preds('depth'), gts('depth')).items():
-    assert out[f'depth/{key}'] == pytest.approx(value, rel=1e-6), key
+  beta_key = 'maxf' if convention == 'mlore' else 'beta_maxf'
+  assert out[f'sal/{beta_key}'] == pytest.approx(_ref_sal_beta(probs, gts('sal')), rel=1e-6)
+  if convention == 'mtlora':  # its normals and depth meters: tests/test_eval_protocols.py
+    miou, maxf = _ref_sal_no_beta(probs, gts('sal'))
+    assert out['sal/miou'] == pytest.approx(miou, rel=1e-6)
+    assert out['sal/maxf'] == pytest.approx(maxf, rel=1e-6)
+  else:
+    want = _ref_normals(preds('normals'), gts('normals'))
+    for key, value in want.items():
+      tol = 0.005 + 1e-4 if key == 'median' else 1e-6 * value
+      assert out[f'normals/{key}'] == pytest.approx(value, abs=tol), key
+    for key, value in _ref_depth(preds('depth'), gts('depth')).items():
+      assert out[f'depth/{key}'] == pytest.approx(value, rel=1e-6), key
   assert out['edge/loss'] == pytest.approx(_ref_edge(preds('edge'), gts('edge'), EDGE_W), rel=1e-6)

@@ -192,10 +192,18 @@ def test_init_from_and_eval_mode(tfds_dir, tmp_path):
   assert_same_arrays(state.params, params)
   assert_same_arrays(state.batch_stats, batch_stats)
 
-  # Eval mode re-evaluates the last checkpoint: identical metrics.
+  # Eval mode re-evaluates the last checkpoint: identical metrics; with save_predictions it also
+  # writes one prediction per image and task (formats: tests/test_predictions.py).
   config.init_from = ''
+  config.save_predictions = True
   again = train.evaluate_checkpoint(config, trained)
   assert again == final
+  ids = {f'validation_{i:06d}' for i in range(4)}
+  for task in config.tasks.split(','):
+    suffix = '.mat' if task == 'depth' else '.png'
+    saved = {p.name for p in (trained / 'predictions' / task).iterdir()}
+    assert saved == {i + suffix for i in ids}, (task, saved)
+  config.save_predictions = False
 
   # A partial weights checkpoint (e.g. a converted backbone) loads what it has.
   partial = checkpoint.save_weights(tmp_path / 'backbone', {'backbone': params['backbone']}, {})

@@ -7,7 +7,8 @@ r"""Δm of multi-task runs against single-task baselines (specs/datasets_metrics
 
 Δm = (1/T) Σ_t (−1)^{l_t} (M_t − B_t) / B_t × 100, l_t = 1 where lower is better. Per task the
 metric is the MTLoRA one (`calculate_multi_task_performance`): semseg / human_parts mIoU, saliency
-mIoU (`--sal_metric=maxf` for MLoRE-style tables), normals mean angle, depth RMSE, edge odsF.
+mIoU (`--sal_metric=maxf` for MLoRE-style tables and runs of ``config.eval_protocol='mlore'``),
+normals mean angle, depth RMSE, edge odsF (``config.eval_boundary``).
 
 A run is a workdir (its `metrics.jsonl`: `eval/<task>/<metric>` per eval step) or, for runs of the
 user's MTLoRA fork, a `log_rank0.txt` (or a directory holding one), parsed as that fork's
@@ -159,8 +160,10 @@ def table(runs: dict[str, list], baselines: dict[str, float], tasks: list[str]):
   for name, records in runs.items():
     complete = [(step, m) for step, m in records if all(t in m for t in tasks)]
     if not complete:
+      hint = (' (runs with config.eval_protocol=mlore report saliency maxF: --sal_metric=maxf)'
+              if 'sal' in tasks else '')
       raise DeltaMError(f'{name}: no eval record has all of {", ".join(tasks)}; choose --tasks '
-                        'among the metrics the run reports')
+                        f'among the metrics the run reports{hint}')
     scored = [(step, m, delta_m(m, baselines, tasks)) for step, m in complete]
     rows += [[name, step, *(m[t] for t in tasks), dm] for step, m, dm in scored]
     step, m, dm = max(scored, key=lambda r: r[2])
