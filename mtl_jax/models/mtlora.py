@@ -56,7 +56,10 @@ class MTLoRAPlacement:
   Linears named in `layers` become MTLoRALinear with the stage's TA rank, scale and dropout;
   proj / fc1 / fc2 of the last block of each stage also get a TS-LoRA per task in `tasks`
   (empty for SHARED_MODE 'lora_only'). qkv and PatchMerging's reduction never get TS-LoRA.
-  Every per-stage tuple has one entry per stage.
+  Every per-stage tuple has one entry per stage. With some of proj / fc1 / fc2 left out, the
+  streams follow the reference: no fc2 -> no task streams (every task gets the shared maps); no
+  fc1 -> fc2's TS-LoRA sees the shared hidden state; no proj -> fc1's TS-LoRA sees the shared
+  input and the task streams lack the attention residual (swin.SwinBlock).
   """
   depths: tuple[int, ...]
   ranks: tuple[int, ...]
@@ -104,10 +107,6 @@ def placement(config, tasks: Sequence[str], depths: Sequence[int]) -> MTLoRAPlac
     raise ConfigError(f'config.model.mtlora.shared_mode={cfg.shared_mode!r} is not supported; '
                       "use 'matrix' (MTLoRA) or 'lora_only' (TA-LoRA only)")
   with_tasks = cfg.shared_mode == 'matrix'
-  if with_tasks and not set(_TS_LAYERS) <= set(cfg.layers):
-    raise ConfigError(f'config.model.mtlora.layers={tuple(cfg.layers)}: task-specific LoRA needs '
-                      "'proj', 'fc1' and 'fc2' (the reference drops residuals otherwise); add "
-                      "them or set config.model.mtlora.shared_mode='lora_only'")
   return MTLoRAPlacement(
       depths=tuple(depths), ranks=_per_stage(cfg, 'rank', n, int),
       task_ranks=_per_stage(cfg, 'task_rank', n, int),
@@ -388,8 +387,8 @@ def _forward(model, images):
 
 def reference_arrays(model: multitask.MultiTaskModel, images_nchw: np.ndarray, config
                      ) -> dict[str, np.ndarray]:
-  """`out/<task>` (B, K, H, W), `feat/shared/stage<i>` and `feat/<task>/stage<i>` (B, h*w, C)."""
-  del config
+  """`out/<task>` (B, K, H, W), `feat/shared/stage<i>` and (MTLoRA) `feat/<task>/stage<i>`
+  (B, h*w, C)."""
   features, preds = _forward(model, jnp.asarray(np.transpose(images_nchw, (0, 2, 3, 1))))
   arrays = {f'out/{t}': np.transpose(np.asarray(p), (0, 3, 1, 2)) for t, p in preds.items()}
 
@@ -397,7 +396,9 @@ def reference_arrays(model: multitask.MultiTaskModel, images_nchw: np.ndarray, c
     x = np.asarray(x)
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
+  tasks = model.decoder.tasks if config.model.name == 'mtlora' else ()
   for i, (shared, streams) in enumerate(features):
     arrays[f'feat/shared/stage{i}'] = tokens(shared)
-    arrays.update({f'feat/{t}/stage{i}': tokens(v) for t, v in streams.items()})
+    # A stage without task streams hands every task the shared map (as the reference's backbone).
+    arrays.update({f'feat/{t}/stage{i}': tokens(streams.get(t, shared)) for t in tasks})
   return arrays

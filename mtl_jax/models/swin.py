@@ -20,7 +20,8 @@ dtype, rngs)` (name in 'qkv', 'proj', 'fc1', 'fc2', 'reduction'; block None for 
 `plain_linear` gives the plain Swin, mtlora.py places `lora.MTLoRALinear`s. When a block's
 `attn.proj` returns task outputs, the block also returns task streams (specs/mtlora.md §2.2): each
 task's proj output gets the same residual, LN2 and MLP (fc1/fc2 called with the task inputs),
-and the stage's PatchMerging maps every stream. Every stage returns (shared map, {task: map}).
+and the stage's PatchMerging maps every stream. Every stage returns (shared map, {task: map});
+the task streams are those of fc2 in the stage's last block (none if fc2 gives none).
 
 Parameter paths mirror the torch names (`layers/0/blocks/1/attn/qkv/...`); `dtype` is the
 computation dtype, parameters are float32.
@@ -233,7 +234,10 @@ class SwinBlock(nnx.Module):
     a = x + self.drop_path(to_map(out))
     a_tasks = {t: x + self.drop_path(to_map(o)) for t, o in out_tasks.items()}
     m, m_tasks = self.mlp(self.norm2(a), {t: self.norm2(v) for t, v in a_tasks.items()} or None)
-    return a + self.drop_path(m), {t: a_tasks[t] + self.drop_path(v) for t, v in m_tasks.items()}
+    # Without proj task streams (proj has no TS-LoRA) the reference emits fc2's task outputs
+    # without a residual (MTLoRA repo: swin_transformer_mtlora.py SwinTransformerBlock.forward).
+    return a + self.drop_path(m), {t: a_tasks.get(t, 0.0) + self.drop_path(v)
+                                   for t, v in m_tasks.items()}
 
 
 class PatchMerging(nnx.Module):
