@@ -31,6 +31,7 @@ import numpy as np
 import scipy.io
 import tensorflow_datasets as tfds
 
+from data_builders import features
 from data_builders import manual_data
 
 _DIR = epath.Path(__file__).parent
@@ -192,7 +193,7 @@ def labeled_mat_splits(root: epath.Path, num_frames: int) -> dict[str, list[int]
   return splits
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(features.ArrayRecordByDefault, tfds.core.GeneratorBasedBuilder):
   """NYUD-v2 multi-task: semseg (40), depth, normals, edge."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -225,32 +226,24 @@ See data_builders/nyud_v2/README.md."""
   # install on Python >= 3.9: give the path (as data_builders/synthetic_scenes does).
   code_path = epath.Path(__file__)
 
-  def __init__(self, *, file_format=None, **kwargs):
-    # array_record (random access for grain) unless asked otherwise (`--file_format`).
-    super().__init__(file_format=file_format or 'array_record', **kwargs)
-
   def _info(self) -> tfds.core.DatasetInfo:
-    doc = lambda name: tfds.features.Documentation(desc=_FEATURE_DOCS[name])
-    label = lambda name: tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
-                                             encoding_format='png', doc=doc(name))
-    dense = lambda name, channels: tfds.features.Tensor(
-        shape=(None, None, channels), dtype=np.float32, encoding='zlib', doc=doc(name))
-    features = {
-        'image': tfds.features.Image(shape=(None, None, 3), dtype=np.uint8, doc=doc('image')),
-        'semseg': label('semseg'),
-        'depth': dense('depth', 1),
-        'normals': dense('normals', 3),
-        'edge': label('edge'),
-        'id': tfds.features.Text(doc=doc('id')),
+    doc = _FEATURE_DOCS
+    specs = {
+        'image': features.image(doc['image']),
+        'semseg': features.label(doc['semseg']),
+        'depth': features.dense(doc['depth'], 1),
+        'normals': features.dense(doc['normals'], 3),
+        'edge': features.label(doc['edge']),
+        'id': features.text(doc['id']),
     }
     if self.builder_config.source == 'labeled_mat':
-      del features['normals']
+      del specs['normals']
     return tfds.core.DatasetInfo(
         builder=self,
         description=('NYUD-v2 multi-task (795 train / 654 validation frames): NYU-40 semantic '
                      'segmentation, depth, surface normals and boundaries. Decoding: '
                      'specs/datasets_metrics.md §2 and data_builders/nyud_v2/README.md.'),
-        features=tfds.features.FeaturesDict(features),
+        features=tfds.features.FeaturesDict(specs),
         homepage='https://cs.nyu.edu/~silberman/datasets/nyu_depth_v2.html',
         disable_shuffling=True,  # record i of a split is the i-th id of its split
     )

@@ -22,6 +22,7 @@ import numpy as np
 import scipy.io
 import tensorflow_datasets as tfds
 
+from data_builders import features
 from data_builders import manual_data
 
 _DIR = epath.Path(__file__).parent
@@ -187,7 +188,7 @@ def decode_example(root: epath.Path, image_id: str) -> dict[str, object]:
   }
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(features.ArrayRecordByDefault, tfds.core.GeneratorBasedBuilder):
   """PASCAL-Context multi-task: semseg, human_parts, sal, normals, edge (+ the 459-class map)."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -206,14 +207,8 @@ See data_builders/pascal_context/README.md."""
   # install on Python >= 3.9: give the path (as data_builders/synthetic_scenes does).
   code_path = epath.Path(__file__)
 
-  def __init__(self, *, file_format=None, **kwargs):
-    # array_record (random access for grain) unless asked otherwise (`--file_format`).
-    super().__init__(file_format=file_format or 'array_record', **kwargs)
-
   def _info(self) -> tfds.core.DatasetInfo:
-    doc = lambda name: tfds.features.Documentation(desc=_FEATURE_DOCS[name])
-    label = lambda name: tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
-                                             encoding_format='png', doc=doc(name))
+    doc = _FEATURE_DOCS
     return tfds.core.DatasetInfo(
         builder=self,
         description=('PASCAL-Context multi-task (ASTMT / MTI-Net / InvPT / MLoRE / MTLoRA data): '
@@ -221,17 +216,12 @@ See data_builders/pascal_context/README.md."""
                      'distilled saliency and surface normals, and boundaries of the 459-class '
                      'PASCAL-Context labels. Decoding: specs/datasets_metrics.md §1.2.'),
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3), dtype=np.uint8,
-                                         encoding_format='jpeg', doc=doc('image')),
-            'semseg': label('semseg'),
-            'human_parts': label('human_parts'),
-            'sal': label('sal'),
-            'normals': tfds.features.Tensor(shape=(None, None, 3), dtype=np.float32,
-                                            encoding='zlib', doc=doc('normals')),
-            'edge': label('edge'),
-            'label_map': tfds.features.Tensor(shape=(None, None), dtype=np.uint16,
-                                              encoding='zlib', doc=doc('label_map')),
-            'id': tfds.features.Text(doc=doc('id')),
+            'image': features.image(doc['image'], encoding_format='jpeg'),
+            **{t: features.label(doc[t]) for t in ('semseg', 'human_parts', 'sal')},
+            'normals': features.dense(doc['normals'], 3),
+            'edge': features.label(doc['edge']),
+            'label_map': features.dense(doc['label_map'], None, np.uint16),
+            'id': features.text(doc['id']),
         }),
         homepage='https://cs.stanford.edu/~roozbeh/pascal-context/',
         disable_shuffling=True,  # record i of a split is the i-th id of its split file

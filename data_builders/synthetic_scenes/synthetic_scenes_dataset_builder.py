@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from data_builders import features
 from . import render
 
 
@@ -63,7 +64,7 @@ _FEATURE_DOCS = {
 }
 
 
-class Builder(tfds.core.GeneratorBasedBuilder):
+class Builder(features.ArrayRecordByDefault, tfds.core.GeneratorBasedBuilder):
   """Procedural indoor scenes with exact semseg/parts/saliency/normals/depth/edge labels."""
 
   VERSION = tfds.core.Version('1.0.0')
@@ -82,31 +83,19 @@ class Builder(tfds.core.GeneratorBasedBuilder):
   # install on Python >= 3.9 (ModuleNotFoundError in download_and_prepare): give the path.
   code_path = epath.Path(__file__)
 
-  def __init__(self, *, file_format=None, **kwargs):
-    # array_record (random access for grain) unless asked otherwise (`--file_format`).
-    super().__init__(file_format=file_format or 'array_record', **kwargs)
-
   def _info(self) -> tfds.core.DatasetInfo:
-    doc = lambda name: tfds.features.Documentation(desc=_FEATURE_DOCS[name])
-    label = lambda name: tfds.features.Image(shape=(None, None, 1), dtype=np.uint8,
-                                             encoding_format='png', doc=doc(name))
-    dense = lambda name, channels: tfds.features.Tensor(
-        shape=(None, None, channels), dtype=np.float32, encoding='zlib', doc=doc(name))
+    doc = _FEATURE_DOCS
     return tfds.core.DatasetInfo(
         builder=self,
         description=('Procedurally rendered rooms (numpy ray casting) with exact labels for '
                      'semseg, human_parts, sal, normals, depth and edge; the mtl_jax demo '
                      'dataset. Conventions: data_builders/synthetic_scenes/render.py.'),
         features=tfds.features.FeaturesDict({
-            'image': tfds.features.Image(shape=(None, None, 3), dtype=np.uint8,
-                                         encoding_format='png', doc=doc('image')),
-            'semseg': label('semseg'),
-            'human_parts': label('human_parts'),
-            'sal': label('sal'),
-            'edge': label('edge'),
-            'normals': dense('normals', 3),
-            'depth': dense('depth', 1),
-            'id': tfds.features.Text(doc=doc('id')),
+            'image': features.image(doc['image'], encoding_format='png'),
+            **{t: features.label(doc[t]) for t in ('semseg', 'human_parts', 'sal', 'edge')},
+            'normals': features.dense(doc['normals'], 3),
+            'depth': features.dense(doc['depth'], 1),
+            'id': features.text(doc['id']),
         }),
         disable_shuffling=True,  # record i of a split is example i (grain shuffles when reading)
     )
