@@ -84,14 +84,15 @@ def test_reparameterised_outputs_equal_normal_path(reference):
                                err_msg=task)
 
 
-def _convs(fn, *args) -> list[tuple]:
-  """(kernel shape, feature_group_count) of every convolution in fn's jaxpr."""
+def _kernels(fn, *args) -> list[tuple]:
+  """(primitive, kernel shape, feature_group_count) of every conv and matmul in fn's jaxpr."""
   found = []
 
   def walk(jaxpr):
     for eqn in jaxpr.eqns:
-      if eqn.primitive.name == 'conv_general_dilated':
-        found.append((tuple(eqn.invars[1].aval.shape), eqn.params['feature_group_count']))
+      if eqn.primitive.name in ('conv_general_dilated', 'dot_general'):
+        found.append((eqn.primitive.name, tuple(eqn.invars[1].aval.shape),
+                      eqn.params.get('feature_group_count', 1)))
       for param in eqn.params.values():
         inner = getattr(param, 'jaxpr', param)
         if hasattr(inner, 'eqns'):
@@ -101,14 +102,20 @@ def _convs(fn, *args) -> list[tuple]:
 
 
 def test_reparameterised_block_is_one_dense_conv_per_sample_and_task(fixture):
-  """§3.4: with running statistics, V is one 3x3 C -> C conv per (sample, task)."""
+  """§3.4: with running statistics, V is one 3x3 C -> C conv per (sample, task). Per-task
+  kernels are batched matmuls over 3x3 patches (9C = 288 rows), never grouped convs."""
   block = nnx.clone(fixture[2].decoder.mlore_1[0])  # eval mode, 5 tasks, C = 32, R = 135
   x = jnp.zeros((2, 6, 6, 32))
-  three_by_three = lambda: [(s, g) for s, g in _convs(lambda x: block(x), x) if s[:2] == (3, 3)]
-  # experts (C -> sum r), the 5 task LoRAs (grouped over tasks), share_conv
-  assert three_by_three() == [((3, 3, 32, 135), 1), ((3, 3, 32, 5 * 8), 5), ((3, 3, 32, 32), 1)]
+  kernels = lambda: _kernels(lambda x: block(x), x)
+  assert all(group == 1 for _, _, group in kernels())
+  three_by_three = lambda: [(p, s) for p, s, _ in kernels() if p == 'conv_general_dilated'
+                            or s[-2] == 9 * 32]
+  # experts (C -> sum r), the 5 task LoRAs (C -> spe_rank 8 each), share_conv
+  assert three_by_three() == [('conv_general_dilated', (3, 3, 32, 135)),
+                              ('dot_general', (5, 9 * 32, 8)),
+                              ('conv_general_dilated', (3, 3, 32, 32))]
   block.repara = True
-  assert three_by_three() == [((3, 3, 32, 5 * 2 * 32), 5 * 2)]
+  assert three_by_three() == [('dot_general', (5, 2, 9 * 32, 32))]
 
 
 # -- losses and gradients ------------------------------------------------------------------------

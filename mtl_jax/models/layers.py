@@ -44,18 +44,48 @@ def torch_bias_init(fan_in: int) -> nnx.Initializer:
 
 def conv(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
          kernel_init: nnx.Initializer | None = None, bias_init: nnx.Initializer | None = None,
-         dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+         matmul: bool = False, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
   """nn.Conv2d(in_ch, out_ch, k, stride) with PyTorch's default init (unless overridden).
 
   Stride-1 convs pad k // 2 on each side ("same" for odd k); strided convs (the patch
-  embedding) are unpadded.
+  embedding) are unpadded. `matmul=True` computes the conv as `conv_as_matmul` does: for convs
+  with per-task kernels run under `jax.vmap`, which XLA would otherwise lower to grouped convs.
   """
   pad = kernel_size // 2 if stride == 1 else 0
   fan_in = in_ch * kernel_size * kernel_size
   return nnx.Conv(
       in_ch, out_ch, (kernel_size, kernel_size), strides=stride, padding=[(pad, pad)] * 2,
       kernel_init=kernel_init or torch_kernel_init(),
-      bias_init=bias_init or torch_bias_init(fan_in), dtype=dtype, rngs=rngs)
+      bias_init=bias_init or torch_bias_init(fan_in), dtype=dtype, rngs=rngs,
+      conv_general_dilated=conv_as_matmul if matmul else jax.lax.conv_general_dilated)
+
+
+def conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                   dimension_numbers=None, feature_group_count=1, precision=None,
+                   preferred_element_type=None, out_sharding=None) -> jax.Array:
+  """`jax.lax.conv_general_dilated` for NHWC x HWIO stride-1 convs as patches @ kernel.
+
+  The kh * kw shifted views of the padded input are concatenated on the channel axis in HWI
+  order (a 1x1 conv is a plain matmul) and contracted with the kernel reshaped to
+  (kh * kw * I, O): the same sum in another order. Under `jax.vmap` over the kernel this is one
+  batched matmul, where the conv becomes a grouped conv that XLA:CPU runs 10-30x slower
+  (benchmarks/RESULTS.md, "MLoRE per-task convs"). Anything else (strides, dilation, groups)
+  goes to the conv itself. Signature as nnx.Conv calls it (`conv_general_dilated=`).
+  """
+  simple = (all(s == 1 for s in window_strides) and feature_group_count == 1
+            and all(d == 1 for d in (lhs_dilation or ())) and not isinstance(padding, str)
+            and all(d == 1 for d in (rhs_dilation or ())) and lhs.ndim == 4)
+  if not simple:
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, precision=precision, preferred_element_type=preferred_element_type,
+        out_sharding=out_sharding)
+  kh, kw, _, out_ch = rhs.shape
+  x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  cols = jnp.concatenate([x[:, i:i + h, j:j + w] for i in range(kh) for j in range(kw)], axis=-1)
+  return jnp.dot(cols, rhs.reshape(-1, out_ch), precision=precision,
+                 preferred_element_type=preferred_element_type)
 
 
 class BatchNorm(nnx.Module):

@@ -53,11 +53,12 @@ from mtl_jax.models import vit
 NUM_STAGES = 4  # 3 ViT taps + the final normed map (§2); hard-coded in the reference
 
 
-def _conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """Stride-1 'same' NHWC conv with an HWIO kernel of odd size, no bias."""
+def _conv2d(x: jax.Array, kernel: jax.Array, matmul: bool = False) -> jax.Array:
+  """Stride-1 'same' NHWC conv with an HWIO kernel of odd size, no bias; `matmul`: as
+  patches @ kernel (layers.conv_as_matmul), for kernels that differ along a vmapped axis."""
   pad = kernel.shape[0] // 2
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad)] * 2,
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  conv = layers.conv_as_matmul if matmul else jax.lax.conv_general_dilated
+  return conv(x, kernel, (1, 1), [(pad, pad)] * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
 class LowRankExperts(nnx.Module):
@@ -71,13 +72,16 @@ class LowRankExperts(nnx.Module):
   `fused=True` computes sum_i g_i Expert_i(x) as one conv C -> R, a per-sample scaling of each
   expert's r_i channels by g_i, one matmul R -> C and the bias sum_i g_i b_up_i; `fused=False`
   loops over the experts as the reference does (tests and benchmarks/mlore_step.py). Both are
-  equal up to summation order.
+  equal up to summation order. `matmul` computes the 3x3 conv as patches @ kernel (the task
+  LoRA, whose kernels differ per task under the task vmap of `MoEBlock`).
   """
 
   fused = True  # class-wide default; benchmarks/mlore_step.py flips it before building a model
 
-  def __init__(self, channels: int, ranks: Sequence[int], *, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, channels: int, ranks: Sequence[int], *, matmul: bool = False,
+               dtype=jnp.float32, rngs: nnx.Rngs):
     self.ranks = tuple(int(r) for r in ranks)
+    self.matmul = matmul
     self.dtype = dtype
     total = sum(self.ranks)
     self.down_kernel = nnx.Param(
@@ -103,11 +107,11 @@ class LowRankExperts(nnx.Module):
       for i, r in enumerate(self.ranks):
         sl = slice(start, start + r)
         start += r
-        y = _conv2d(x, down[..., sl]) + down_bias[sl].astype(self.dtype)
+        y = _conv2d(x, down[..., sl], self.matmul) + down_bias[sl].astype(self.dtype)
         y = y @ up[sl] + up_bias[i].astype(self.dtype)
         out = out + gates[:, i, None, None, None] * y
       return out
-    y = (_conv2d(x, down) + down_bias.astype(self.dtype)) * self._rank_scale(gates)[:, None, None]
+    y = (_conv2d(x, down, self.matmul) + down_bias.astype(self.dtype)) * self._rank_scale(gates)[:, None, None]
     return y @ up + (gates @ up_bias.astype(self.dtype))[:, None, None]
 
   def dense(self, gates: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -136,14 +140,15 @@ class Router(nnx.Module):
   def __init__(self, channels: int, grid: tuple[int, int], num_experts: int, *, dtype,
                rngs: nnx.Rngs):
     quarter = channels // 4
-    self.pool_conv1 = layers.conv(channels, quarter, 1, dtype=dtype, rngs=rngs)
+    conv = lambda cin, cout: layers.conv(cin, cout, 1, matmul=True, dtype=dtype, rngs=rngs)
+    self.pool_conv1 = conv(channels, quarter)
     self.pool_ln = nnx.LayerNorm(quarter, epsilon=1e-5, dtype=dtype, rngs=rngs)
-    self.pool_conv2 = layers.conv(quarter, quarter, 1, dtype=dtype, rngs=rngs)
+    self.pool_conv2 = conv(quarter, quarter)
     self.pos_linear = nnx.Linear(grid[0] * grid[1], 1, kernel_init=layers.trunc_normal(0.02),
                                  bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
     self.pos_ln = nnx.LayerNorm(channels, epsilon=1e-5, dtype=dtype, rngs=rngs)
-    self.pos_conv = layers.conv(channels, quarter, 1, dtype=dtype, rngs=rngs)
-    self.proj = layers.conv(2 * quarter, 2 * num_experts + 1, 1, dtype=dtype, rngs=rngs)
+    self.pos_conv = conv(channels, quarter)
+    self.proj = conv(2 * quarter, 2 * num_experts + 1)
 
   def __call__(self, u: jax.Array) -> jax.Array:
     """u (B, h, w, C) -> raw router output (B, 2E + 1) float32."""
@@ -177,14 +182,16 @@ class TaskBranch(nnx.Module):
 
   `conv1` (1x1), `task_lora` (torch `conv2.<task>`, rank spe_rank), `conv3` (1x1), `bn_all`
   (normalises the expert mixture), `bn` (normalises the sum V), `router` (torch `router_1.<task>`).
+  Its convs run as matmuls (layers.conv_as_matmul): under the task vmap a conv with per-task
+  kernels is a grouped conv, 10-30x slower on XLA:CPU.
   """
 
   def __init__(self, channels: int, grid: tuple[int, int], num_experts: int, spe_rank: int, *,
                dtype, rngs: nnx.Rngs):
     c = channels
-    self.conv1 = layers.conv(c, c, 1, dtype=dtype, rngs=rngs)
-    self.task_lora = LowRankExperts(c, (spe_rank,), dtype=dtype, rngs=rngs)
-    self.conv3 = layers.conv(c, c, 1, dtype=dtype, rngs=rngs)
+    self.conv1 = layers.conv(c, c, 1, matmul=True, dtype=dtype, rngs=rngs)
+    self.task_lora = LowRankExperts(c, (spe_rank,), matmul=True, dtype=dtype, rngs=rngs)
+    self.conv3 = layers.conv(c, c, 1, matmul=True, dtype=dtype, rngs=rngs)
     self.bn_all = layers.BatchNorm(c)
     self.bn = layers.BatchNorm(c)
     self.router = Router(c, grid, num_experts, dtype=dtype, rngs=rngs)
@@ -266,7 +273,7 @@ def _reparameterised(u: jax.Array, gates: jax.Array, mix: jax.Array, experts: Lo
   lora_kernel, lora_bias = branch.task_lora.dense(mix)
   kernel = kernel * mul + lora_kernel + share_conv.kernel[...]
   bias = bias + lora_bias + share_conv.bias[...]
-  out = jax.vmap(lambda x, k: _conv2d(x[None], k)[0])(u, kernel.astype(u.dtype))
+  out = jax.vmap(lambda x, k: _conv2d(x[None], k, matmul=True)[0])(u, kernel.astype(u.dtype))
   return out + bias.astype(u.dtype)[:, None, None]
 
 
