@@ -1,49 +1,74 @@
-r"""The demo: a ViT multi-task baseline learning all six tasks of the procedural `synthetic_scenes`.
+r"""The demo: a tiny MLoRE learning all six tasks of the procedural `synthetic_scenes`.
 
 No download: the dataset (64x80 renders, 2000 train / 250 validation) is built on first use into
 the TFDS data dir (~40 s on 2 cores). Run from the repository root:
 
   python launch.py --config=configs/demo.py --workdir=runs/demo
 
-Runtime on a 2-core CPU (the project's CI machine kind, 2026-11-21): install ~75 s (no pip
-cache), dataset build ~30-40 s, 2500 steps of batch 16 at ~8 steps/s (~130 img/s) plus 6 evals:
-~5 min; 6.5 min from a fresh machine in all. Model: ViT patch 8, width 64, depth 4 (8x10
-tokens), 1x1 fuse of 4 taps to 32 channels, x2 upsample, one ConvHead per task; 282,323 parameters.
+Model (`model=mlore`, the default): configs/mlore_pascal.py's structure at toy size. ViT patch 8,
+width 64, depth 4 (8x10 tokens; taps after blocks 1, 2, 3 + the final map), MLoRE decoder with
+C = 32, 15 low-rank experts of ranks 1..8, top-9 routing, task LoRA rank 4, load-balancing
+weight 1e-4, one ConvHead per task at 1/2 resolution; 789,195 parameters. AdamW 2e-3, warmup +
+cosine, batch 8, 2500 steps.
+
+Runtime on a 2-core CPU (the project's CI machine kind, 2026-11-21): dataset build ~30-40 s,
+2500 steps at ~4 steps/s (~32 img/s) plus 6 evals: 12 min wall (11 min 57 s with the dataset
+already built).
 
 Eval on the validation split, step 0 -> step 2500 (deterministic on CPU; README.md repeats these):
-  semseg mIoU      5.10 -> 45.19   threshold >= 3x chance = 3 x 100/7 classes = 42.9
-  human_parts mIoU 1.35 -> 28.77   (only images with a figure count)
-  sal maxF        23.50 -> 84.74
-  normals mean    94.9 -> 14.24 deg threshold < 30 deg
-  depth RMSE      3.98 -> 0.890 m  threshold < 0.5 x rmse_predict_mean (1.969 m) = 0.985 m
-  edge loss      0.0701 -> 0.0590
+  semseg mIoU      0.51 -> 43.77   threshold >= 3x chance = 3 x 100/7 classes = 42.9
+  human_parts mIoU 0.43 -> 31.28   (only images with a figure count)
+  sal maxF        23.50 -> 81.85
+  normals mean    47.94 -> 14.98 deg threshold < 30 deg
+  depth RMSE      3.98 -> 0.899 m  threshold < 0.5 x rmse_predict_mean (1.969 m) = 0.985 m
+  edge loss      0.0701 -> 0.0593
 Every task's final eval beats its step-0 eval; tests/test_train.py runs a shortened version.
 
-Args (`--config=configs/demo.py:smoke`): `smoke` shrinks model and schedule to seconds (tests).
+`model=vit_baseline`: the ViT alone with a 1x1 fuse of the 4 maps to 32 channels, x2 upsample and
+the heads at 1/4 resolution (282,323 parameters), batch 16: ~5 min on the same machine; step 0 ->
+2500: semseg 5.10 -> 45.19, human_parts 1.35 -> 28.77, sal 23.50 -> 84.74, normals 94.9 ->
+14.24 deg, depth 3.98 -> 0.890 m, edge 0.0701 -> 0.0590. The trainer-mechanics tests run it
+(it compiles in seconds).
+
+Args (`--config=configs/demo.py:smoke,model=vit_baseline`): model ('mlore' | 'vit_baseline'),
+smoke (shrinks model and schedule: 6 steps; tests and CPU checks).
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, smoke=False)
+  arg = common.parse_arg(arg, model='mlore', smoke=False)
   c = common.get_config()
   c.dataset.name = 'synthetic_scenes/small'
   c.dataset.build_if_missing = True
   c.tasks = 'semseg,human_parts,sal,normals,depth,edge'
   c.input.crop_size = (64, 80)  # the rendered size: crop and pad are no-ops, flips + colour jitter
   # No random rescaling: it makes monocular depth scale-ambiguous (depth / s with an unchanged
-  # horizon), which a 5-minute run cannot learn around. The MLoRE configs use (0.5, 2.0).
+  # horizon), which a short run cannot learn around. The MLoRE configs use (0.5, 2.0).
   c.input.scale_range = (1.0, 1.0)
   c.loss_weights.semseg = 3.0  # MLoRE PASCAL weights otherwise (human_parts 2, sal 5, ...)
 
-  c.model.name = 'vit_baseline'
+  # ViT patch 8 on 64x80: an 8x10 token grid, taps after blocks 1, 2, 3 + the final map.
   c.model.backbone = dict(variant='', patch_size=8, embed_dim=64, depth=4, num_heads=2,
                           taps=(1, 2, 3), drop_path_rate=0.0)
-  c.model.decoder = dict(channels=32, upsample=2)  # heads at 1/4 resolution
+  if arg.model == 'mlore':
+    # MLoRE (configs/mlore_pascal.py's structure): 15 experts with ranks 1..8 (sum 64 = 2C, as
+    # ViT-S's 540 ~ 2.8C), top-9 routing, task LoRA rank 4; heads at 1/2 resolution (x4 of the
+    # token grid, as in the reference).
+    c.model.name = 'mlore'
+    c.model.mlore = dict(channels=32, rank_list=(1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7, 8),
+                         spe_rank=4, topk=9, pre_softmax=False, repara=False)
+    c.load_balancing_weight = 1e-4
+    c.batch_size = 8
+  elif arg.model == 'vit_baseline':
+    c.model.name = 'vit_baseline'
+    c.model.decoder = dict(channels=32, upsample=2)  # heads at 1/4 resolution
+    c.batch_size = 16
+  else:
+    raise ValueError(f"unknown model {arg.model!r}; use 'mlore' or 'vit_baseline'")
 
   c.total_steps = 2500
-  c.batch_size = 16
   c.eval_batch_size = 64
   c.log_every_steps = 50
   c.eval_every_steps = 500
@@ -62,5 +87,8 @@ def get_config(arg=None):
     c.num_eval_images = 2
     c.schedule.warmup_steps = 2
     c.model.backbone.update(embed_dim=32, depth=2, taps=(1, 1, 1))
-    c.model.decoder.channels = 16
+    if arg.model == 'mlore':
+      c.model.mlore.update(channels=8, rank_list=(1, 2, 2, 3, 4), spe_rank=2, topk=3)
+    else:
+      c.model.decoder.channels = 16
   return c

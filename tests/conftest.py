@@ -34,10 +34,16 @@ def tfds_dir(tmp_path_factory):
   return str(data_dir)
 
 
+# The trainer-mechanics tests (reports, resume, devices, processes, bad input) run the demo's ViT
+# baseline: it compiles in seconds, where MLoRE's train step takes ~30 s on 2 cores. MLoRE itself
+# goes through the trainer in test_train.py's shortened demo and test_mlore_configs.py.
+SMOKE = 'smoke,model=vit_baseline'
+
+
 def smoke_config(tfds_dir, **overrides):
-  """configs/demo.py:smoke on the 8-image `tiny` dataset (24x32)."""
+  """configs/demo.py:smoke,model=vit_baseline on the 8-image `tiny` dataset (24x32)."""
   from configs import demo  # pylint: disable=g-import-not-at-top
-  c = demo.get_config('smoke')
+  c = demo.get_config(SMOKE)
   c.dataset.update(name='synthetic_scenes/tiny', data_dir=tfds_dir, build_if_missing=False)
   c.input.crop_size = (24, 32)
   c.update(overrides)
@@ -45,9 +51,9 @@ def smoke_config(tfds_dir, **overrides):
 
 
 def launch_args(workdir, tfds_dir, *extra):
-  """launch.py on configs/demo.py:smoke + `tiny`; absolute script/config paths, so any cwd works."""
+  """launch.py on configs/demo.py:SMOKE + `tiny`; absolute script/config paths, so any cwd works."""
   return [sys.executable, os.path.join(ROOT, 'launch.py'),
-          f'--config={os.path.join(ROOT, "configs", "demo.py")}:smoke', f'--workdir={workdir}',
+          f'--config={os.path.join(ROOT, "configs", "demo.py")}:{SMOKE}', f'--workdir={workdir}',
           '--config.dataset.name=synthetic_scenes/tiny', f'--config.dataset.data_dir={tfds_dir}',
           '--config.input.crop_size=(24, 32)', *extra]
 

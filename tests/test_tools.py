@@ -7,11 +7,12 @@ from mtl_jax.tools import params
 from mtl_jax.tools import parity
 
 
-def test_params_counts_follow_config_frozen():
-  c = demo.get_config()
+@pytest.mark.parametrize('model, expected', [('mlore', 789_195), ('vit_baseline', 282_323)])
+def test_params_counts_follow_config_frozen(model, expected):
+  c = demo.get_config(f'model={model}')
   groups = params.count(c)
   total = groups['<all>']['total']
-  assert total == groups['<all>']['trainable'] == 282_323  # configs/demo.py docstring
+  assert total == groups['<all>']['trainable'] == expected  # configs/demo.py docstring
   assert total == sum(groups[k]['total'] for k in ('backbone', 'decoder', 'heads'))
   c.frozen = ('^backbone/',)
   groups = params.count(c)

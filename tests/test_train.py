@@ -39,7 +39,7 @@ def test_shortened_demo_learns_every_task(tfds_dir, tmp_path):
   c.model.backbone.patch_size = 4  # keeps the token grid of the demo (8 x 10)
   c.update(total_steps=600, log_every_steps=100, eval_every_steps=600, checkpoint_every_steps=600)
   c.schedule.warmup_steps = 50
-  final = train.train_and_evaluate(c, tmp_path)
+  final = train.train_and_evaluate(c, tmp_path, jax.devices()[:1])  # as the demo runs on a CPU
   lines = reporting.read_metrics(tmp_path)
   first = next(l for l in lines if l['step'] == 0 and 'eval/semseg/miou' in l)
   for key, sign in CI_MAIN_METRICS.items():
