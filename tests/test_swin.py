@@ -77,34 +77,36 @@ def test_geometry_errors_name_the_fix():
 
 def test_parity_swin_decoder_with_official_model():
   """Plain Swin + per-task downsamplers and HRNet heads: 4 task outputs, 4 shared stages."""
-  arrays = dict(np.load(os.path.join(FIXTURES, 'swin_tiny_decoder_seed0_slim.npz')))
-  if 'input' not in arrays:  # both MTLoRA-family slims share one input, kept once
-    arrays['input'] = np.load(os.path.join(FIXTURES, 'mtlora_tiny_seed0_slim.npz'))['input']
-  with open(os.path.join(FIXTURES, 'swin_tiny_decoder_seed0.json')) as f:
-    sidecar = json.load(f)
-  model, config, family = parity.build_from_fixture(arrays, sidecar)
-  assert family is mtlora and config.model.name == 'swin'
-  got = slim_view(mtlora.reference_arrays(model, arrays['input'], config),
-                  'swin_tiny_decoder_seed0_slim.npz')
-  rows = parity.compare(got, arrays)
+  rows, config = parity_rows('swin_tiny_decoder_seed0')
+  assert config.model.name == 'swin'
   assert sorted(k for k, _, _ in rows) == sorted(
       [f'out/{t}' for t in ('semseg', 'human_parts', 'sal', 'normals')]
       + [f'feat/shared/stage{i}' for i in range(4)])
-  worst = max(rows, key=lambda r: r[2])
-  assert worst[2] <= 1e-5, worst
 
 
-def slim_view(arrays: dict, slim: str) -> dict:
-  """The arrays cropped like tests/fixtures/make_slim.py crops them into `slim`."""
+def parity_rows(name: str):
+  """(parity.compare rows, config) of the MTLoRA-family slim fixture `name`, every row's relative
+  error asserted <= 1e-5. Slims hold arrays cropped as tests/fixtures/make_slim.py crops them."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   import re  # pylint: disable=g-import-not-at-top
+  slim = f'{name}_slim.npz'
+  arrays = dict(np.load(os.path.join(FIXTURES, slim)))
+  if 'input' not in arrays:  # the two shipped MTLoRA-family slims share one input, kept once
+    arrays['input'] = np.load(os.path.join(FIXTURES, 'mtlora_tiny_seed0_slim.npz'))['input']
+  with open(os.path.join(FIXTURES, f'{name}.json')) as f:
+    sidecar = json.load(f)
+  model, config, family = parity.build_from_fixture(arrays, sidecar)
+  assert family is mtlora
+  got = mtlora.reference_arrays(model, arrays['input'], config)
   spec = importlib.util.spec_from_file_location('make_slim', os.path.join(FIXTURES, 'make_slim.py'))
   make_slim = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(make_slim)
-  out = dict(arrays)
   for pattern, index in make_slim.SLIMS[slim][2].items():
-    out.update({k: v[index] for k, v in arrays.items() if re.fullmatch(pattern, k)})
-  return out
+    got.update({k: v[index] for k, v in got.items() if re.fullmatch(pattern, k)})
+  rows = parity.compare(got, arrays)
+  worst = max(rows, key=lambda r: r[2])
+  assert worst[2] <= 1e-5, worst
+  return rows, config
 
 
 def test_freeze_backbone_trains_only_the_decoders():
