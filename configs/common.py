@@ -103,3 +103,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.mesh = (('data', -1),)  # (axis, size); -1 = the remaining devices
   c.param_sharding = (('.*', 'replicate'),)  # (regex over param paths, spec); see sharding.py
   return c
+
+
+def smoke_schedule(c: ml_collections.ConfigDict, batch_size: int) -> None:
+  """The `smoke` run every config shares: 6 steps of `batch_size`, logs every 2, eval and
+  checkpoint every 3 on 2 eval images (tests and CPU checks)."""
+  c.update(total_steps=6, batch_size=batch_size, eval_batch_size=batch_size, log_every_steps=2,
+           eval_every_steps=3, checkpoint_every_steps=3, num_eval_images=2)

@@ -78,13 +78,7 @@ def get_config(arg=None):
   c.schedule.update(name='warmup_cosine', warmup_steps=100, warmup_lr=0.0, min_lr=1e-5)
 
   if arg.smoke:
-    c.total_steps = 6
-    c.batch_size = 8
-    c.eval_batch_size = 8
-    c.log_every_steps = 2
-    c.eval_every_steps = 3
-    c.checkpoint_every_steps = 3
-    c.num_eval_images = 2
+    common.smoke_schedule(c, batch_size=8)
     c.schedule.warmup_steps = 2
     c.model.backbone.update(embed_dim=32, depth=2, taps=(1, 1, 1))
     if arg.model == 'mlore':

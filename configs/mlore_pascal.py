@@ -115,10 +115,4 @@ def shrink(c, *, synthetic_tasks: str):
   c.model.backbone.update(variant='', patch_size=8, embed_dim=16, depth=4, num_heads=2,
                           taps=(1, 2, 3), drop_path_rate=0.1)
   c.model.mlore.update(channels=8, rank_list=(1, 2, 2, 3, 4), spe_rank=2, topk=3)
-  c.batch_size = 4
-  c.eval_batch_size = 4
-  c.total_steps = 6
-  c.log_every_steps = 2
-  c.eval_every_steps = 3
-  c.checkpoint_every_steps = 3
-  c.num_eval_images = 2
+  common.smoke_schedule(c, batch_size=4)

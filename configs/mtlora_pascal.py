@@ -116,12 +116,6 @@ def experiment(arg, *, model: str, dataset: str):
     c.model.decoder.channels = (4, 8)
     if model == 'mtlora':
       c.model.mtlora.update(rank=(4,), task_rank=(2,))
-    c.batch_size = 4
-    c.eval_batch_size = 4
-    c.total_steps = 6
-    c.log_every_steps = 2
-    c.eval_every_steps = 3
-    c.checkpoint_every_steps = 3
-    c.num_eval_images = 2
+    common.smoke_schedule(c, batch_size=4)
     c.schedule.warmup_steps = 2
   return c
