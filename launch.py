@@ -7,7 +7,8 @@ r"""Entry point: train or evaluate one configured job.
       --config.save_predictions=True --config.eval_boundary=True
 
 Eval mode writes WORKDIR/eval_metrics.jsonl; `save_predictions` adds WORKDIR/predictions/<task>/
-<id>.png in the references' layout and `eval_boundary` the SEISM boundary scores (configs/common.py).
+<id>.png in the references' layout and `eval_boundary` the SEISM boundary scores
+(configs/common.py).
 
 A run in a workdir that already holds checkpoints resumes from the latest one. On multi-host
 TPU VMs / multi-node GPU jobs pass --jax_distributed on every host (see README.md).
@@ -110,5 +111,10 @@ def main(argv):
     sys.exit(1)
 
 
-if __name__ == '__main__':
+def cli():
+  """Entry point of the console script (pyproject.toml) and of `python -m`."""
   app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == '__main__':
+  cli()

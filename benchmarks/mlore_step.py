@@ -6,8 +6,8 @@ r"""Times one MLoRE train step with the experts fused and as the reference's per
 configs/mlore_pascal.py:vit=S (the recipe's model, Adam, 5 tasks, load balancing) on a batch of
 the procedural dataset resized to 512x512 (the pipeline's crop; built into --data_dir if missing),
 timed with benchmarks/train_step.py's `time_train_step`. The same model is then built with
-`LowRankExperts.fused = False`: 15 expert convs and 15 1x1 convs per MoE block, as the reference
-loops (specs/mlore.md §3.2). Prints img/s of both and the speedup. Record results in
+`config.model.mlore.fused = False`: 15 expert convs and 15 1x1 convs per MoE block, as the reference
+loops (docs/mlore.md §3.2). Prints img/s of both and the speedup. Record results in
 benchmarks/RESULTS.md with the machine, date and command.
 """
 
@@ -24,7 +24,6 @@ from benchmarks import train_step
 from configs import mlore_pascal
 from mtl_jax import input_pipeline
 from mtl_jax import train
-from mtl_jax.models import mlore
 
 _VIT = flags.DEFINE_enum('vit', 'S', ['S', 'B', 'L'], 'ViT of configs/mlore_pascal.py.')
 _DATA_DIR = flags.DEFINE_string('data_dir', os.path.join(tempfile.gettempdir(), 'mtl_jax_bench'),
@@ -39,7 +38,7 @@ def main(argv):
                         build_if_missing=True)
   results = {}
   for fused in (True, False):
-    mlore.LowRankExperts.fused = fused
+    config.model.mlore.fused = fused
     trainer = train.Trainer(config, tempfile.mkdtemp())
     batch = next(input_pipeline.make_train_iterator(config, trainer.tasks,
                                                     source=trainer.train_source))

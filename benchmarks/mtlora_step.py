@@ -9,7 +9,7 @@ batch 2 in float32 (the recipe's bfloat16 is for accelerators), on one device. O
 procedural dataset through the 'mtlora' chain (resized to 448x448; built into --data_dir if
 missing) is reused, so the figure is the device step alone; it is timed with
 benchmarks/train_step.py's `time_train_step` (first step = compile, then the median of --steps).
-The reference's figures on the same setup are in specs/mtlora.md §11 and
+The reference's figures on the same setup are in docs/mtlora.md §11 and
 benchmarks/reference_mtlora_step.py. Record results in benchmarks/RESULTS.md with the machine,
 date and command.
 """

@@ -41,6 +41,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.num_eval_images = 4  # examples drawn in the prediction grid at every eval
   c.init_from = ''  # weights-only start: a checkpoint dir (see mtl_jax/checkpoint.py)
+  # The training method (mtl_jax/methods): 'mtl' = the weighted sum of the task losses.
+  c.method = 'mtl'
+  # What every eval computes (mtl_jax/evaluators); eval_boundary / save_predictions below add
+  # 'boundary' / 'save_predictions'.
+  c.evaluators = ('metrics', 'prediction_grid')
   # Evaluation (mtl_jax/metrics.py module docstring). The metric set and names of one reference:
   # 'mlore' | 'mtlora' | '' (= config.convention). The resolution metrics see is chosen by
   # config.input.augment ('mlore' pads: original resolution; 'mtlora' resizes labels).
@@ -56,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Tasks (mtl_jax/tasks.py) as a comma-separated list, and the reference convention.
   c.tasks = 'semseg,human_parts,sal,normals,edge'
   c.convention = 'mlore'  # 'mlore' | 'mtlora': saliency channels, loss and metric variants
-  c.loss_weights = ml_collections.ConfigDict(  # specs/mlore.md §4 (PASCAL) + NYUD depth
+  c.loss_weights = ml_collections.ConfigDict(  # docs/mlore.md §4 (PASCAL) + NYUD depth
       dict(semseg=1.0, human_parts=2.0, sal=5.0, normals=10.0, edge=50.0, depth=1.0))
   c.edge_w = 0.95  # positive-class weight of the edge BCE (loss and eval proxy)
   c.load_balancing_weight = 0.0  # MLoRE's L_cv weight (only models that return gates)
@@ -69,14 +74,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.dataset.build_if_missing = False  # only sensible for procedural datasets
 
   c.input = ml_collections.ConfigDict()
-  c.input.crop_size = (512, 512)  # (H, W): train crop = eval pad size (specs/mlore.md §1)
+  c.input.crop_size = (512, 512)  # (H, W): train crop = eval pad size (docs/mlore.md §1)
   c.input.scale_range = (0.5, 2.0)
   c.input.cat_max_ratio = 0.75
   c.input.flip = True
   c.input.photometric = True
   c.input.num_workers = 0  # grain worker processes (0 = in-process)
-  # Augmentation chain (mtl_jax/transforms.py): 'mlore' (specs/mlore.md §5.1: random scale, crop,
-  # flip, colour jitter; eval pads to crop_size) | 'mtlora' (specs/mtlora.md §8: flip, scale and
+  # Augmentation chain (mtl_jax/transforms.py): 'mlore' (docs/mlore.md §5.1: random scale, crop,
+  # flip, colour jitter; eval pads to crop_size) | 'mtlora' (docs/mtlora.md §8: flip, scale and
   # rotate, resize to crop_size; eval resizes image and labels to crop_size). Both read
   # crop_size, scale_range and flip; cat_max_ratio and photometric are 'mlore' only, the two keys
   # below 'mtlora' only. MTLoRA recipes: PASCAL crop (448, 448), scale_range (0.75, 1.25),
@@ -88,8 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict()
   c.model.name = 'vit_baseline'
   c.model.dtype = 'float32'  # computation dtype; 'bfloat16' on accelerators
+  # name: a family of mtl_jax/models BACKBONES ('vit' | 'swin'); '' = the model's own.
   c.model.backbone = ml_collections.ConfigDict(dict(
-      variant='S/16', patch_size=0, embed_dim=0, depth=0, num_heads=0, taps=(),
+      name='', variant='S/16', patch_size=0, embed_dim=0, depth=0, num_heads=0, taps=(),
       drop_path_rate=0.15))
   c.model.decoder = ml_collections.ConfigDict(dict(channels=192, upsample=4))
 

@@ -50,7 +50,7 @@ def get_config(arg=None):
   c.loss_weights.semseg = 3.0  # MLoRE PASCAL weights otherwise (human_parts 2, sal 5, ...)
 
   # ViT patch 8 on 64x80: an 8x10 token grid, taps after blocks 1, 2, 3 + the final map.
-  c.model.backbone = dict(variant='', patch_size=8, embed_dim=64, depth=4, num_heads=2,
+  c.model.backbone = dict(name='', variant='', patch_size=8, embed_dim=64, depth=4, num_heads=2,
                           taps=(1, 2, 3), drop_path_rate=0.0)
   if arg.model == 'mlore':
     # MLoRE (configs/mlore_pascal.py's structure): 15 experts with ranks 1..8 (sum 64 = 2C, as

@@ -1,4 +1,4 @@
-r"""MLoRE (ViT-L) on NYUD-v2, the official recipe (specs/mlore.md §1, §5).
+r"""MLoRE (ViT-L) on NYUD-v2, the official recipe (docs/mlore.md §1, §5).
 
   python -m mtl_jax.tools.convert --format=timm_vit --input=VIT_L16_AUGREG_384.npz \
       --config=configs/mlore_nyud.py --output=runs/vitL_imagenet_nyud
@@ -33,7 +33,7 @@ synthetic_scenes/tiny at 32x32 with the four NYUD tasks, 6 steps of batch 4).
 from configs import common
 from configs import mlore_pascal
 
-NYUD_TASKS = 'semseg,depth,normals,edge'  # specs/mlore.md §1 order
+NYUD_TASKS = 'semseg,depth,normals,edge'  # docs/mlore.md §1 order
 
 
 def get_config(arg=None):

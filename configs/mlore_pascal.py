@@ -1,4 +1,6 @@
-r"""MLoRE (ViT + mixture of low-rank experts) on PASCAL-Context, the official recipe (specs/mlore.md §5).
+r"""MLoRE (ViT + mixture of low-rank experts) on PASCAL-Context: the official recipe.
+
+Recipe: docs/mlore.md §5.
 
   python -m mtl_jax.tools.convert --format=timm_vit --input=VIT_L16_AUGREG_384.npz \
       --config=configs/mlore_pascal.py --output=runs/vitL_imagenet
@@ -6,7 +8,7 @@ r"""MLoRE (ViT + mixture of low-rank experts) on PASCAL-Context, the official re
       --config.dataset.data_dir=DATA_DIR --config.init_from=runs/vitL_imagenet
   python launch.py --config=configs/mlore_pascal.py:vit=S --workdir=runs/mlore_pascal_vitS ...
 
-Model (specs/mlore.md §1-3): ViT `vit` (S/16, B/16 or L/16; drop path 0.15) at 512x512 (32x32
+Model (docs/mlore.md §1-3): ViT `vit` (S/16, B/16 or L/16; drop path 0.15) at 512x512 (32x32
 tokens; the router's position-Linear locks the model to this size), MLoRE decoder with C channels,
 15 low-rank experts per MoE block (ranks `rank_list`), a task LoRA of rank `spe_rank`, top-9
 gates without renormalisation (`pre_softmax` False), one ConvHead per task. Per vit (C, ranks,
@@ -45,7 +47,7 @@ synthetic_scenes/tiny at 32x32, 5 experts, 6 steps of batch 4: tests and CPU che
 
 from configs import common
 
-PASCAL_TASKS = 'semseg,human_parts,sal,normals,edge'  # specs/mlore.md §1 order
+PASCAL_TASKS = 'semseg,human_parts,sal,normals,edge'  # docs/mlore.md §1 order
 # vit -> (C = final_embed_dim, rank_list, spe_rank, edge_w, load-balancing weight), §1 table.
 PASCAL = {
     'S': (192, tuple(range(8, 65, 4)), 32, 0.95, 1e-4),
@@ -89,7 +91,7 @@ def experiment(arg, *, dataset: str, tasks: str, crop_size: tuple[int, int],
 
   c.model.name = 'mlore'
   c.model.dtype = 'float32'
-  c.model.backbone = dict(variant=f'{arg.vit}/16', patch_size=0, embed_dim=0, depth=0,
+  c.model.backbone = dict(name='', variant=f'{arg.vit}/16', patch_size=0, embed_dim=0, depth=0,
                           num_heads=0, taps=(), drop_path_rate=0.15)
   c.model.mlore = dict(channels=0, rank_list=(), spe_rank=0, topk=9, pre_softmax=pre_softmax,
                        repara=arg.repara)

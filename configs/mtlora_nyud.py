@@ -1,4 +1,4 @@
-r"""MTLoRA (Swin-T) on NYUD-v2: the PASCAL recipe on the four NYUD tasks (specs/user_fork.md §6).
+r"""MTLoRA (Swin-T) on NYUD-v2: the PASCAL recipe on the four NYUD tasks (docs/user_fork.md §6).
 
   python launch.py --config=configs/mtlora_nyud.py --workdir=runs/mtlora_nyud \
       --config.dataset.data_dir=DATA_DIR --config.init_from=CONVERTED_SWIN_T_IMAGENET
@@ -10,7 +10,7 @@ scale from {1.0, 1.2, 1.5} without rotation, resize to 448x448 (aspect ratio not
 warmup 480 steps.
 
 Runtime: unmeasured. Expected: no published MTLoRA NYUD numbers; the user's single-task Swin-T
-baselines (specs/user_fork.md §6) are semseg mIoU 40.65, normals mean 22.97 deg, depth RMSE 0.64.
+baselines (docs/user_fork.md §6) are semseg mIoU 40.65, normals mean 22.97 deg, depth RMSE 0.64.
 """
 
 from configs import common

@@ -1,4 +1,4 @@
-r"""MTLoRA (Swin-T, ImageNet-1k init) on PASCAL-Context, the official recipe (specs/mtlora.md §8).
+r"""MTLoRA (Swin-T, ImageNet-1k init) on PASCAL-Context, the official recipe (docs/mtlora.md §8).
 
   python launch.py --config=configs/mtlora_pascal.py --workdir=runs/mtlora_r64 \
       --config.dataset.data_dir=DATA_DIR --config.init_from=CONVERTED_SWIN_T_IMAGENET
@@ -11,7 +11,7 @@ Model: Swin-T 448x448 with MTLoRA (TA-LoRA rank `rank` on every qkv/proj/fc1/fc2
 `frozen_patterns`): 'mtlora' trains LoRA, patch embedding, LayerNorms, relative position tables,
 the reductions (not with `plus`) and the decoders. Counts (`python -m mtl_jax.tools.params
 --config=...`): default r64 34,262,906 total / 8,344,634 trainable; `rank=16,plus` 30,935,930 /
-3,469,370 (specs/mtlora.md §5).
+3,469,370 (docs/mtlora.md §5).
 
 Recipe: AdamW (0.9, 0.999, eps 1e-8), weight decay 0.05 except 1-D parameters (biases, norms;
 the relative position tables are decayed, as in the reference); lr 5e-4 * batch / 512 after a
@@ -25,13 +25,13 @@ Augmentation 'mtlora': flip, rotation U(-20, 20) and scale U(0.75, 1.25), resize
 eval at 448x448. bfloat16 compute replaces the reference's fp16 AMP.
 
 The backbone must start from ImageNet-1k Swin-T (`config.init_from`, converted with
-mtl_jax/tools/convert.py, specs/mtlora.md §7); LoRA B = 0 then makes the model start exactly at
+mtl_jax/tools/convert.py, docs/mtlora.md §7); LoRA B = 0 then makes the model start exactly at
 the pretrained backbone.
 
 Runtime: unmeasured on accelerators. On the 2-core CPU one fp32 train step of batch 2 takes
 the time in benchmarks/RESULTS.md (benchmarks/mtlora_step.py); the full recipe is GPU/TPU work.
 
-Expected (specs/datasets_metrics.md §5.3, paper, MTLoRA r=64): semseg mIoU 67.90, human_parts
+Expected (docs/datasets_metrics.md §5.3, paper, MTLoRA r=64): semseg mIoU 67.90, human_parts
 mIoU 59.84, saliency mIoU 65.40, normals mean 16.60 deg, Δm +2.55% (community reproduction:
 68.38 / 59.58 / 63.85 / 16.76).
 
@@ -45,7 +45,7 @@ Args: rank (64), task_rank (4), plus (False), variant ('T' | 'S' | 'B'), recipe 
 from configs import common
 from mtl_jax.models import mtlora
 
-TRAIN_IMAGES = {'pascal_context': 4998, 'nyud_v2': 795}  # specs/datasets_metrics.md §1.1, §2.2
+TRAIN_IMAGES = {'pascal_context': 4998, 'nyud_v2': 795}  # docs/datasets_metrics.md §1.1, §2.2
 PASCAL_TASKS = 'semseg+normals+sal+human_parts'
 
 
@@ -68,7 +68,7 @@ def experiment(arg, *, model: str, dataset: str):
   c.input.augment = 'mtlora'
   c.input.crop_size = (448, 448)
   c.input.flip = True
-  if dataset == 'nyud_v2':  # specs/user_fork.md §6: scales {1, 1.2, 1.5}, no rotation
+  if dataset == 'nyud_v2':  # docs/user_fork.md §6: scales {1, 1.2, 1.5}, no rotation
     c.input.rotation_range = (0.0, 0.0)
     c.input.scale_choices = (1.0, 1.2, 1.5)
   else:
@@ -77,7 +77,7 @@ def experiment(arg, *, model: str, dataset: str):
 
   c.model.name = model
   c.model.dtype = 'bfloat16'
-  c.model.backbone = dict(variant=arg.variant, patch_size=0, embed_dim=0, depths=(),
+  c.model.backbone = dict(name='', variant=arg.variant, patch_size=0, embed_dim=0, depths=(),
                           num_heads=(), window_size=0, mlp_ratio=4.0,
                           drop_path_rate=0.3 if arg.variant == 'B' else 0.2)
   c.model.decoder = dict(channels=(18, 36, 72, 144))

@@ -6,9 +6,9 @@ r"""Swin baselines on NYUD-v2: multi-task (or single-task) full fine-tuning, or 
 
 As configs/swin_pascal.py (same args) on semseg, normals, depth, edge with the NYUD recipe of
 configs/mtlora_nyud.py (the user's `swin_tiny_patch4_window7_448_nyud_alltask` configs,
-specs/user_fork.md §6).
+docs/user_fork.md §6).
 
-Runtime: unmeasured. Expected: the user's single-task baselines (specs/user_fork.md §6) semseg
+Runtime: unmeasured. Expected: the user's single-task baselines (docs/user_fork.md §6) semseg
 mIoU 40.65, normals mean 22.97 deg, depth RMSE 0.64 (units unresolved there).
 """
 

@@ -20,6 +20,11 @@ def main(args: build.Args) -> None:
   args.execute()
 
 
-if __name__ == '__main__':
+def cli():
+  """Entry point of the console script (pyproject.toml) and of `python -m`."""
   app.run(main, flags_parser=cli_utils.make_flags_parser(
       build.Args, description='Build TFDS datasets (the `tfds build` command).'))
+
+
+if __name__ == '__main__':
+  cli()

@@ -2,7 +2,7 @@
 
 Records are array_record (random access for grain; no TensorFlow needed to write or read them)
 unless `--file_format` asks otherwise. Label maps are single-channel PNG images, dense targets
-zlib-compressed float32 tensors (the mtl_jax label format, specs/datasets_metrics.md §1.2).
+zlib-compressed float32 tensors (the mtl_jax label format, docs/datasets_metrics.md §1.2).
 """
 
 import numpy as np

@@ -3,7 +3,7 @@
 Finding the dataset root in `--manual_dir` (the folder itself, a known sub-folder or a known
 archive, extracted by TFDS), checking that every id has all its files before anything is written,
 wrapping decode failures into one error naming the file, and warning when a split's size differs
-from the published one (specs/datasets_metrics.md §1, §2, §6).
+from the published one (docs/datasets_metrics.md §1, §2, §6).
 """
 
 import contextlib

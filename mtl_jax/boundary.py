@@ -1,4 +1,4 @@
-"""Boundary detection ODS-F / OIS-F / AP as SEISM computes them (specs/datasets_metrics.md §4.5).
+"""Boundary detection ODS-F / OIS-F / AP as SEISM computes them (docs/datasets_metrics.md §4.5).
 
 The published boundary numbers of MLoRE / InvPT / ATRC come from the MATLAB SEISM package
 (`prismformore/Boundary-Detection-Evaluation-Tools`). This module is a numpy / scipy port of its
@@ -31,11 +31,11 @@ optimum (benchmarks/boundary.py shows the spread next to pyEdgeEval's build of t
 A threshold whose binary map equals the previous one (E > t is nested in t, so equal pixel
 counts mean equal maps) reuses its counts.
 
-pyEdgeEval 0.2.8 (the maintained Python port of the BSDS tools) is not used: besides that
-matching (10x slower, benchmarks/RESULTS.md) it differs from SEISM in its NMS (``fast_nms`` smooths E with
+pyEdgeEval 0.2.8 (the maintained Python port of the BSDS tools) is not used: besides that matching
+(10x slower, benchmarks/RESULTS.md) it differs from SEISM in its NMS (``fast_nms`` smooths E with
 ``convTri(E, 1)`` first and divides by ``Oxx`` without the ``1e-5``), binarises with ``>=``, its
-``binary_thin`` stops as soon as the first sub-iteration deletes nothing (bwmorph and `thin` go
-on while either does) and its metrics are BSDS's interpolated ODS / AP.
+``binary_thin`` stops as soon as the first sub-iteration deletes nothing (bwmorph and `thin` go on
+while either does) and its metrics are BSDS's interpolated ODS / AP.
 """
 
 import dataclasses

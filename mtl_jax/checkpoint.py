@@ -3,7 +3,7 @@
 A training checkpoint is a composite Orbax step directory ``WORKDIR/checkpoints/<step>/`` with the
 items ``state`` (a dict ``{step, params, frozen, batch_stats, opt_state}`` of arrays, saved
 sharded), ``data`` (the grain iterator position) and ``config`` (JSON). Saves are asynchronous and
-atomic (an interrupted save leaves a temporary directory that Orbax ignores, specs/stack.md §6).
+atomic (an interrupted save leaves a temporary directory that Orbax ignores, docs/stack.md §6).
 
 A weights checkpoint (written by converters, read by ``config.init_from``) uses the same layout
 with only ``state = {params, batch_stats}``; `load_weights` also accepts training checkpoints, a

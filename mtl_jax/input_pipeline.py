@@ -1,5 +1,5 @@
-"""TFDS data sources and grain input pipelines (specs/stack.md §2-3, specs/mlore.md §5.1,
-specs/mtlora.md §8).
+"""TFDS data sources and grain input pipelines (docs/stack.md §2-3, docs/mlore.md §5.1,
+docs/mtlora.md §8).
 
 Every process reads its own slice of the split and yields **process-local** batches: numpy dicts
 with ``'image'`` float32 (B, H, W, 3), one label per task in the mtl_jax format (mtl_jax/tasks.py),
@@ -158,7 +158,7 @@ def _eval_transform(config, tasks) -> grain.transforms.Map:
 
 
 def make_train_iterator(config, tasks, *, source=None, process_index=None, process_count=None):
-  """Infinite, checkpointable iterator of process-local training batches (specs/stack.md §3).
+  """Infinite, checkpointable iterator of process-local training batches (docs/stack.md §3).
 
   Pipeline: this process' slice of `source` (default: the ``config.dataset.train_split`` TFDS
   source) -> shuffle, reshuffled every epoch -> repeat forever -> the training chain of
@@ -184,6 +184,23 @@ def make_train_iterator(config, tasks, *, source=None, process_index=None, proce
   return iter(_maybe_workers(ds, config.input.num_workers))
 
 
+class _IndexedEval(grain.transforms.Map):
+  """Split position i -> the eval chain's output for source[i], plus its identity: 'index' (i,
+  int32) and 'original_size' ((h, w) of the stored image, int32), which per-example evaluators
+  read (mtl_jax/evaluators)."""
+
+  def __init__(self, source, transform: grain.transforms.Map):
+    self.source = source
+    self.transform = transform
+
+  def map(self, index):
+    element = self.source[int(index)]
+    out = self.transform.map(element)
+    out['index'] = np.asarray(index, np.int32)
+    out['original_size'] = np.asarray(element['image'].shape[:2], np.int32)
+    return out
+
+
 class EvalBatches:
   """Re-iterable evaluation batches: each `iter()` starts a fresh pass over the split."""
 
@@ -203,8 +220,9 @@ def make_eval_iterator(config, tasks, split: str, *, source=None, process_index=
   """(re-iterable process-local batches, number of batches) of `split`, in a fixed order.
 
   Examples go through the evaluation chain of ``config.input.augment`` (padded or resized to
-  ``config.input.crop_size``). Process p gets examples p, p + P, p + 2P, ... followed by
-  `transforms.dummy_example` padding (``example_valid`` False, every label ignore), so that every
+  ``config.input.crop_size``) and carry their split position ``index`` and ``original_size``
+  (h, w). Process p gets examples p, p + P, p + 2P, ... followed by `transforms.dummy_example`
+  padding (``example_valid`` False, every label ignore, index -1, size (0, 0)), so that every
   example is seen exactly once and every process yields the same number of batches.
   """
   process_index, process_count = _process(process_index, process_count)
@@ -215,10 +233,13 @@ def make_eval_iterator(config, tasks, split: str, *, source=None, process_index=
     source = open_data_source(config.dataset, split)
   num_batches = math.ceil(len(source) / global_batch)
   crop_size = tuple(config.input.crop_size)
-  shard = grain.MapDataset.source(source)[process_index::process_count].map(transform)
+  positions = grain.MapDataset.range(len(source))[process_index::process_count]
+  shard = positions.map(_IndexedEval(source, transform))
   padding = num_batches * local_batch - len(shard)
   if padding:
-    dummies = grain.MapDataset.source([transforms.dummy_example(tasks, crop_size)] * padding)
+    dummy = dict(transforms.dummy_example(tasks, crop_size), index=np.asarray(-1, np.int32),
+                 original_size=np.zeros(2, np.int32))
+    dummies = grain.MapDataset.source([dummy] * padding)
     shard = grain.MapDataset.concatenate([shard, dummies])
   ds = shard.batch(local_batch).to_iter_dataset(_READ_OPTIONS)
   return EvalBatches(_maybe_workers(ds, config.input.num_workers), num_batches), num_batches

@@ -1,4 +1,4 @@
-"""Training losses of the two reference codebases (specs/mlore.md §4, specs/mtlora.md §8).
+"""Training losses of the two reference codebases (docs/mlore.md §4, docs/mtlora.md §8).
 
 Everything is pure `jax.numpy` on NHWC predictions at label resolution and labels in the
 mtl_jax format (mtl_jax/tasks.py docstring), so it jits and works on globally sharded batches:
@@ -21,7 +21,7 @@ The only deviation: MTLoRA's saliency and edge losses have no ignore region (the
 contain 255); here pixels labelled 255 are excluded and the sums are divided by the number of valid
 pixels, which equals the reference's `numel` whenever the labels contain no 255.
 
-`compute_losses` adds MLoRE's load-balancing term L_cv over the router gates (specs/mlore.md §4).
+`compute_losses` adds MLoRE's load-balancing term L_cv over the router gates (docs/mlore.md §4).
 """
 
 from collections.abc import Mapping, Sequence
@@ -40,7 +40,7 @@ def _count(mask: jax.Array) -> jax.Array:
 
 def cross_entropy(logits: jax.Array, labels: jax.Array,
                   class_weights: jax.Array | None = None) -> jax.Array:
-  """(Weighted) softmax CE over non-255 pixels, sum / #valid (specs/mlore.md §4).
+  """(Weighted) softmax CE over non-255 pixels, sum / #valid (docs/mlore.md §4).
 
   Args:
     logits: (B, H, W, K).
@@ -58,7 +58,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array,
 
 
 def mlore_saliency_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """2-class CE, batch-adaptive class weights (1 - w, w), w = #neg / #valid (specs/mlore.md §4)."""
+  """2-class CE, batch-adaptive class weights (1 - w, w), w = #neg / #valid (docs/mlore.md §4)."""
   valid = labels != IGNORE_INDEX
   w = jnp.sum(valid & (labels == 0), dtype=jnp.float32) / _count(valid)
   return cross_entropy(logits, labels, class_weights=jnp.stack([1.0 - w, w]))
@@ -86,15 +86,15 @@ def weighted_bce_with_logits(logits: jax.Array, labels: jax.Array, w: jax.Array 
   """`weighted_bce_per_pixel` summed over non-255 pixels / #valid.
 
   MLoRE's BalancedBinaryCrossEntropyLoss (pos_weight w/(1-w), result times (1-w)) and MTLoRA's
-  BalancedCrossEntropyLoss (labels >= 0.5) are both this formula (specs/mlore.md §4,
-  specs/mtlora.md §8). `logits` (B, H, W, 1), `labels` (B, H, W, 1).
+  BalancedCrossEntropyLoss (labels >= 0.5) are both this formula (docs/mlore.md §4,
+  docs/mtlora.md §8). `logits` (B, H, W, 1), `labels` (B, H, W, 1).
   """
   per_pixel, valid = weighted_bce_per_pixel(logits[..., 0].astype(jnp.float32), labels[..., 0], w)
   return jnp.sum(per_pixel) / _count(valid)
 
 
 def mtlora_saliency_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Balanced BCE-with-logits, w = #neg / #valid over the batch (specs/mtlora.md §8)."""
+  """Balanced BCE-with-logits, w = #neg / #valid over the batch (docs/mtlora.md §8)."""
   valid = labels != IGNORE_INDEX
   w = jnp.sum(valid & (labels == 0), dtype=jnp.float32) / _count(valid)
   return weighted_bce_with_logits(logits, labels, w)
@@ -110,7 +110,7 @@ def _safe_norm(x: jax.Array) -> jax.Array:
 def mlore_normals_loss(pred: jax.Array, labels: jax.Array) -> jax.Array:
   """L1 of the L2-normalised prediction (F.normalize, eps 1e-12) / #valid pixels.
 
-  Valid pixel = no label channel equals 255 (specs/mlore.md §4, reference `L1Loss(normalize=True)`).
+  Valid pixel = no label channel equals 255 (docs/mlore.md §4, reference `L1Loss(normalize=True)`).
   """
   pred = pred.astype(jnp.float32)
   pred = pred / jnp.maximum(_safe_norm(pred), 1e-12)
@@ -121,7 +121,7 @@ def mlore_normals_loss(pred: jax.Array, labels: jax.Array) -> jax.Array:
 def mtlora_normals_loss(pred: jax.Array, labels: jax.Array) -> jax.Array:
   """L1 of pred / (|pred| + 1e-12) over label elements != 255, / #valid elements.
 
-  Note the divisor counts elements (3 per pixel), not pixels (specs/mtlora.md §8, `NormalsLoss`).
+  Note the divisor counts elements (3 per pixel), not pixels (docs/mtlora.md §8, `NormalsLoss`).
   """
   pred = pred.astype(jnp.float32)
   pred = pred / (_safe_norm(pred) + 1e-12)
@@ -136,7 +136,7 @@ def depth_loss(pred: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def load_balancing_loss(gates: Sequence[Mapping[str, jax.Array]]) -> jax.Array:
-  """MLoRE's L_cv (specs/mlore.md §4): sum over gate sets of (std_unbiased(m) / mean(m))^2.
+  """MLoRE's L_cv (docs/mlore.md §4): sum over gate sets of (std_unbiased(m) / mean(m))^2.
 
   Args:
     gates: one dict per gate set (route_1 stages 0-3, then route_2 stages 0-3), each mapping task
@@ -179,7 +179,7 @@ def compute_losses(tasks: Mapping[str, Task], preds: Mapping[str, jax.Array],
   """Weighted total loss and the unweighted per-task losses.
 
   total = sum_t weights[t] * L_t (+ load_balancing_weight * L_cv when `aux` has 'gates'),
-  specs/mlore.md §4 and specs/mtlora.md §8.
+  docs/mlore.md §4 and docs/mtlora.md §8.
 
   Args:
     tasks: the task registry entries (mtl_jax.tasks.get_tasks).

@@ -1,5 +1,5 @@
-"""Evaluation metrics as `clu.metrics` (specs/datasets_metrics.md §4, specs/mlore.md §6,
-specs/mtlora.md §9).
+"""Evaluation metrics as `clu.metrics` (docs/datasets_metrics.md §4, docs/mlore.md §6,
+docs/mtlora.md §9).
 
 Every metric accumulates dataset-level **sufficient statistics** (pixel counts and sums, or sums of
 per-image values), exactly as the reference meters pool them, and turns them into numbers only in
@@ -21,7 +21,7 @@ pipeline's (``config.input.augment``: 'mlore' pads to the original resolution, p
 'mtlora' resizes image and labels). The task registry's `main_metric` is one of the keys of the
 protocol of the same name.
 
-``'mlore'`` (MLoRE / InvPT meters, specs/mlore.md §6):
+``'mlore'`` (MLoRE / InvPT meters, docs/mlore.md §6):
 
 * segmentation: `miou` (x100, mean over all classes, absent classes count 0), `pixel_acc`.
 * saliency: `maxf` (InvPT "maxF" incl. the double-sigmoid quirk, what the papers publish) and
@@ -35,7 +35,7 @@ protocol of the same name.
 * edge: `loss`, the references' loss proxy (not ODS-F; the trainer adds `odsF`, `oisF`, `ap`
   with ``config.eval_boundary``).
 
-``'mtlora'`` (MTLoRA meters, specs/mtlora.md §9, specs/datasets_metrics.md §4.2-4.4):
+``'mtlora'`` (MTLoRA meters, docs/mtlora.md §9, docs/datasets_metrics.md §4.2-4.4):
 
 * segmentation: `miou`, `pixel_acc`.
 * saliency: `beta_maxf` (its "Beta maxF" = the quirk above), `maxf` (per-image protocol,

@@ -1,9 +1,9 @@
 """Optimizers and per-step learning-rate schedules of the two references.
 
-* MLoRE (specs/mlore.md §5): ``torch.optim.Adam`` with *coupled* L2 (weight decay added to the
+* MLoRE (docs/mlore.md §5): ``torch.optim.Adam`` with *coupled* L2 (weight decay added to the
   gradient before the Adam moments) on every parameter, polynomial decay (power 0.9, no warmup),
   global-norm clipping before the step.
-* MTLoRA (specs/mtlora.md §8): AdamW (decoupled decay) with no decay for 1-D parameters and
+* MTLoRA (docs/mtlora.md §8): AdamW (decoupled decay) with no decay for 1-D parameters and
   biases, linear warmup from ``warmup_lr`` then one cosine to ``min_lr`` (timm's
   CosineLRScheduler with ``warmup_prefix=True``, stepped per iteration), clipping before the step.
 

@@ -9,7 +9,9 @@ import json
 import os
 from typing import Any, Mapping
 
+from absl import logging
 from clu import metric_writers
+from clu import parameter_overview
 from clu.metric_writers import interface
 from etils import epath
 import jax
@@ -114,3 +116,25 @@ def save_png(path, image: np.ndarray) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   with path.open('wb') as f:
     Image.fromarray(image).save(f, format='PNG')
+
+
+def _count(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def log_parameters(trainable: dict, frozen: dict, writer, write_scalars: bool) -> None:
+  """Logs the parameter overview and per-module counts; writes params/total and
+  params/trainable at step 0 when `write_scalars` (a fresh run)."""
+  params = {'trainable': trainable, 'frozen': frozen}
+  logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
+      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params), include_stats=False))
+  groups = {}
+  for kind, tree in params.items():
+    for name, sub in tree.items():
+      groups[f'params/{kind}/{name}'] = _count(sub)
+  total, num_trainable = _count(params), _count(trainable)
+  for name, n in sorted(groups.items()):
+    logging.info('  %-40s %14s', name, f'{n:,}')
+  logging.info('Parameters: total=%s trainable=%s', f'{total:,}', f'{num_trainable:,}')
+  if write_scalars:
+    writer.write_scalars(0, {'params/total': total, 'params/trainable': num_trainable})

@@ -1,4 +1,4 @@
-"""Device mesh and declarative sharding rules (big_vision style, specs/anchors.md §1.1).
+"""Device mesh and declarative sharding rules (big_vision style, docs/anchors.md §1.1).
 
 The mesh comes from `config.mesh`, a sequence of (axis name, size) with one size -1 meaning "all
 remaining devices", e.g. ``(('data', -1),)`` or ``(('data', 2), ('fsdp', 4))``. Batches are split

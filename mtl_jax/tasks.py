@@ -3,12 +3,12 @@
 One `Task` per dense-prediction task. Output channels depend on the dataset (number of classes)
 and on the convention of the reference code being reproduced:
 
-* ``'mlore'`` (MLoRE / InvPT / TaskPrompter, specs/mlore.md §1): saliency is a 2-way softmax
-  (2 channels), losses of specs/mlore.md §4.
-* ``'mtlora'`` (MTLoRA / MTI-Net, specs/mtlora.md §0, §8): saliency is 1 sigmoid channel, losses of
-  specs/mtlora.md §8.
+* ``'mlore'`` (MLoRE / InvPT / TaskPrompter, docs/mlore.md §1): saliency is a 2-way softmax
+  (2 channels), losses of docs/mlore.md §4.
+* ``'mtlora'`` (MTLoRA / MTI-Net, docs/mtlora.md §0, §8): saliency is 1 sigmoid channel, losses of
+  docs/mtlora.md §8.
 
-Label format everywhere in mtl_jax (NHWC, specs/datasets_metrics.md §1-2): ``semseg``,
+Label format everywhere in mtl_jax (NHWC, docs/datasets_metrics.md §1-2): ``semseg``,
 ``human_parts``, ``sal``, ``edge`` are uint8 (H, W, 1) with 255 = ignore; ``normals`` float32
 (H, W, 3) in [-1, 1] with all three channels 255 = ignore; ``depth`` float32 (H, W, 1) in metres,
 0 = invalid.
@@ -26,11 +26,11 @@ CONVENTIONS = ('mlore', 'mtlora')
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """Class counts and task set of a dataset (specs/datasets_metrics.md §1.3, §2)."""
+  """Class counts and task set of a dataset (docs/datasets_metrics.md §1.3, §2)."""
   tasks: tuple[str, ...]
   semseg_classes: int
   human_parts_classes: int = 0
-  # Boundary-evaluation tolerance (fraction of the diagonal, specs/datasets_metrics.md §4.5).
+  # Boundary-evaluation tolerance (fraction of the diagonal, docs/datasets_metrics.md §4.5).
   edge_max_dist: float = 0.0075
 
 
@@ -46,7 +46,7 @@ DATASETS = {
         semseg_classes=7, human_parts_classes=5, edge_max_dist=0.0075),
 }
 
-# kind, label channels, label dtype, value used to pad labels (PadImage, specs/mlore.md §5.1 step 6),
+# kind, label channels, label dtype, value used to pad labels (PadImage, docs/mlore.md §5.1 step 6),
 # main metric and whether higher is better (used for Δm signs and "did it learn" checks).
 _KINDS = {
     'semseg': ('segmentation', 1, 'uint8', IGNORE_INDEX, 'miou', True),
@@ -73,9 +73,22 @@ class Task:
   num_classes: int = 0  # segmentation tasks only
 
 
+def dataset_kind(name: str) -> str:
+  """Registry key of a TFDS dataset name: 'pascal_context/full:1.0.0' -> 'pascal_context'.
+
+  The one place that parses `config.dataset.name` for the registry (a bare key passes through).
+  """
+  return name.split(':')[0].split('/')[0]
+
+
+def config_tasks(config) -> dict[str, 'Task']:
+  """The tasks of a config: `config.tasks` on `config.dataset.name`, `config.convention`."""
+  return get_tasks(config.tasks, config.dataset.name, config.convention)
+
+
 def num_outputs(name: str, dataset: str, convention: str = 'mlore') -> int:
-  """Prediction channels of `name` (specs/mlore.md §1, specs/mtlora.md §0)."""
-  info = DATASETS[dataset]
+  """Prediction channels of `name` (docs/mlore.md §1, docs/mtlora.md §0)."""
+  info = DATASETS[dataset_kind(dataset)]
   return {
       'semseg': info.semseg_classes,
       'human_parts': info.human_parts_classes,
@@ -87,7 +100,9 @@ def num_outputs(name: str, dataset: str, convention: str = 'mlore') -> int:
 
 
 def get_tasks(names, dataset: str, convention: str = 'mlore') -> dict[str, Task]:
-  """Tasks in the order given. Raises ConfigError naming the fix for unknown inputs."""
+  """Tasks in the order given; `dataset` a registry key or a TFDS name (`dataset_kind`).
+  Raises ConfigError naming the fix for unknown inputs."""
+  dataset = dataset_kind(dataset)
   if dataset not in DATASETS:
     raise ConfigError(f'unknown dataset {dataset!r}; known: {", ".join(DATASETS)} '
                      '(set --config.dataset.name)')

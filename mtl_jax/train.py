@@ -1,58 +1,45 @@
-"""The trainer: sharded jitted train step, evaluation, Orbax checkpoints, clu reports.
+"""The trainer: mesh, sharded state, jitted steps, Orbax checkpoints, clu reports.
 
 `train_and_evaluate(config, workdir)` runs (or resumes) a training job; `evaluate_checkpoint`
 evaluates the latest checkpoint of a workdir (or `config.init_from`). Everything that depends on
 user input is checked in `Trainer.__init__` before the workdir is touched, so bad input fails
 with one `ConfigError` line and no half-written output.
 
-Evaluation (`Trainer.evaluate`) reports the metrics of ``config.eval_protocol``
-(mtl_jax/metrics.py), accumulated over every batch and host. Two per-example options bring the
-process-local predictions to the host, back at each example's original size
-(`to_original_size`): ``config.eval_boundary`` adds SEISM's boundary odsF / oisF / AP of the edge
-predictions (mtl_jax/boundary.py, specs/datasets_metrics.md §4.5) and ``config.save_predictions``
-writes them as the references save them (`save_prediction`): WORKDIR/predictions/<task>/<id>.png.
+Seams: the train step belongs to the method of ``config.method`` (mtl_jax/methods) and what an
+eval pass computes to the evaluators of ``config.evaluators`` (mtl_jax/evaluators); this module
+keeps the loop, the state and the checkpoint wiring shared by all of them.
 
-Design (specs/anchors.md "What to copy"): the model is an NNX module split once into a static
-graph and pure-dict state; the train state `{step, params, frozen, batch_stats, opt_state}` lives
-on a `Mesh` from `config.mesh` with shardings from `config.param_sharding` rules, the batch is
-split over every mesh axis, and the step is `jax.jit` with explicit in/out shardings and the state
-donated. BatchNorm statistics are plain means over the global batch, i.e. SyncBN. Randomness
-(drop path, router noise) is re-seeded every step from (seed, step), so a resumed run draws the
-same numbers as an uninterrupted one and results do not depend on the device count.
+Design (docs/anchors.md "What to copy"): the model is an NNX module split once into a static
+graph and pure-dict state; the train state `{step, params, frozen, batch_stats, opt_state,
+extra}` lives on a `Mesh` from `config.mesh` with shardings from `config.param_sharding` rules,
+the batch is split over every mesh axis, and the steps are `jax.jit` with explicit in/out
+shardings, the train state donated. BatchNorm statistics are plain means over the global batch,
+i.e. SyncBN. Randomness (drop path, router noise) is re-seeded every step from (seed, step), so a
+resumed run draws the same numbers as an uninterrupted one and results do not depend on the
+device count.
 """
 
-import collections
-from concurrent import futures
 import dataclasses
 import functools
-import io
-import multiprocessing
 import os
 import re
 import time
 from typing import Any
 
 from absl import logging
-from clu import parameter_overview
 from clu import periodic_actions
-import cv2
 from etils import epath
 import flax
 from flax import nnx
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
-import optax
-from PIL import Image
-import scipy.io
 
 from mtl_jax import ConfigError
-from mtl_jax import boundary
 from mtl_jax import checkpoint
+from mtl_jax import evaluators as evaluators_lib
 from mtl_jax import input_pipeline
-from mtl_jax import losses
-from mtl_jax import metrics as metrics_lib
+from mtl_jax import methods
 from mtl_jax import models
 from mtl_jax import optim
 from mtl_jax import reporting
@@ -67,19 +54,20 @@ class TrainState:
   frozen: dict  # parameters matched by config.frozen: never updated, no optimizer state
   batch_stats: dict
   opt_state: Any
+  extra: Any = dataclasses.field(default_factory=dict)  # the method's own state (methods/)
 
   def as_dict(self) -> dict[str, Any]:
-    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-
-def dataset_kind(config) -> str:
-  """Registry name of the configured dataset ('synthetic_scenes/small' -> 'synthetic_scenes')."""
-  return config.dataset.name.split('/')[0].split(':')[0]
+    """The checkpointed dict; an empty `extra` is left out (checkpoints of methods without one
+    keep the layout of earlier versions)."""
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    if not jax.tree.leaves(out['extra']):
+      del out['extra']
+    return out
 
 
 def validate_config(config, num_devices: int) -> dict[str, tasks_lib.Task]:
   """Checks user-facing config values; returns the tasks. Raises ConfigError naming the fix."""
-  tasks = tasks_lib.get_tasks(config.tasks, dataset_kind(config), config.convention)
+  tasks = tasks_lib.config_tasks(config)
   for name in tasks:
     if name not in config.loss_weights:
       raise ConfigError(f'no loss weight for task {name!r}; set --config.loss_weights.{name}=W')
@@ -97,11 +85,6 @@ def validate_config(config, num_devices: int) -> dict[str, tasks_lib.Task]:
   return tasks
 
 
-def eval_protocol(config) -> str:
-  """``config.eval_protocol``, '' meaning ``config.convention``."""
-  return config.eval_protocol or config.convention
-
-
 def frozen_filter(patterns):
   """nnx filter (path, value) -> True for parameters matched by a `config.frozen` regex."""
   compiled = [re.compile(p) for p in patterns]
@@ -109,7 +92,7 @@ def frozen_filter(patterns):
 
 
 class Trainer:
-  """Model, optimizer, shardings and jitted steps of one configured job."""
+  """Model, optimizer, method, evaluators, shardings and jitted steps of one configured job."""
 
   def __init__(self, config, workdir, devices=None):
     self.config, self.workdir = config, epath.Path(workdir)
@@ -120,15 +103,16 @@ class Trainer:
     except ValueError as e:
       raise ConfigError(str(e)) from e
     self.tasks = validate_config(config, self.mesh.size)
+    method_cls = methods.get(config.method)
     self.tx, self.schedule = optim.make_optimizer(config)
-    self.metrics_cls = metrics_lib.make_metrics(self.tasks, edge_w=config.edge_w,
-                                                protocol=eval_protocol(config))
-    # Tasks whose full predictions come to the host at every eval (per-example options).
-    self.host_tasks = (tuple(self.tasks) if config.save_predictions
-                       else ('edge',) if config.eval_boundary else ())
     # Data sources first: a dataset that is not built is a ConfigError.
     self.train_source = input_pipeline.open_data_source(config.dataset, config.dataset.train_split)
     self.eval_source = input_pipeline.open_data_source(config.dataset, config.dataset.eval_split)
+    self.evaluators = evaluators_lib.build(evaluators_lib.Context(
+        config, self.tasks, self.workdir, self.eval_source))
+    # Tasks whose full predictions come to the host at every eval (per-example evaluators).
+    self.host_tasks = tuple(t for t in self.tasks
+                            if any(t in e.host_tasks for e in self.evaluators.values()))
 
     frozen = frozen_filter(tuple(config.frozen))
     trainable = nnx.All(nnx.Param, nnx.Not(frozen))
@@ -141,6 +125,7 @@ class Trainer:
     self.eval_graph = nnx.graphdef(abstract)
     self.rng_streams = sorted({s.tag for _, s in nnx.iter_graph(abstract)
                                if isinstance(s, nnx.RngStream)})
+    self.method = method_cls(self)
 
     self.abstract_state = jax.eval_shape(self._init_state)
     self.state_sharding = sharding.tree_shardings(
@@ -148,10 +133,11 @@ class Trainer:
     repl = sharding.replicated(self.mesh)
     batch = sharding.batch_sharding(self.mesh)
     self.rest = jax.jit(self._init_rest, out_shardings=repl)()
-    self.train_step = jax.jit(self._train_step, in_shardings=(self.state_sharding, repl, batch),
+    self.train_step = jax.jit(self.method.train_step,
+                              in_shardings=(self.state_sharding, repl, batch),
                               out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
     self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding, repl, batch),
-                             out_shardings=(repl, repl, batch))
+                             out_shardings=(repl, batch))
 
   # -- state ---------------------------------------------------------------------------------
 
@@ -164,7 +150,7 @@ class Trainer:
     params = nnx.to_pure_dict(params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       frozen=nnx.to_pure_dict(frozen), batch_stats=nnx.to_pure_dict(batch_stats),
-                      opt_state=self.tx.init(params))
+                      opt_state=self.tx.init(params), extra=self.method.init_extra(params))
 
   def _init_rest(self):
     """Non-parameter variables (RNG streams); values are re-seeded every step."""
@@ -176,6 +162,12 @@ class Trainer:
     state = jax.jit(self._init_state, out_shardings=self.state_sharding)()
     weights = weights or self.config.init_from
     return self.load_weights(state, weights) if weights else state
+
+  def restore(self, ckpt: checkpoint.Checkpointer, step: int, data_iter) -> TrainState:
+    """The train state of checkpoint `step` on this mesh (`data_iter` set to its position)."""
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                            self.abstract_state, self.state_sharding)
+    return TrainState(**ckpt.restore(step, abstract.as_dict(), data_iter))
 
   def load_weights(self, state: TrainState, path) -> TrainState:
     """Overwrites the parameters and BN statistics present in the checkpoint at `path`."""
@@ -206,224 +198,36 @@ class Trainer:
                  len(kept), f' (e.g. {kept[:3]})' if kept else '')
     return state.replace(**weights)
 
-  # -- steps ---------------------------------------------------------------------------------
+  # -- model and evaluation --------------------------------------------------------------------
 
-  def _model(self, graph, state: TrainState, rest, params=None):
+  def model(self, graph, state: TrainState, rest, params=None):
+    """The model `graph` (train_graph / eval_graph) with `state`'s (or `params`') weights."""
     return nnx.merge(graph, state.params if params is None else params, state.frozen,
                      state.batch_stats, rest)
 
-  def _train_step(self, state: TrainState, rest, batch):
-    config = self.config
-    key = jax.random.fold_in(jax.random.key(config.seed), state.step)
-
-    def loss_fn(params):
-      model = self._model(self.train_graph, state, rest, params)
-      if self.rng_streams:
-        nnx.reseed(model, **{s: jax.random.fold_in(key, i) for i, s in enumerate(self.rng_streams)})
-      preds, aux = model(batch['image'])
-      total, per_task = losses.compute_losses(
-          self.tasks, preds, batch, convention=config.convention,
-          weights=dict(config.loss_weights), edge_w=config.edge_w, aux=aux,
-          load_balancing_weight=config.load_balancing_weight)
-      return total, (per_task, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)))
-
-    (loss, (per_task, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params)
-    updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    scalars = {'loss': loss, 'grad_norm': optax.global_norm(grads),
-               'learning_rate': self.schedule(state.step),
-               **{f'{k}_loss': v for k, v in per_task.items()}}
-    return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                         opt_state=opt_state), scalars
-
   def _eval_step(self, state: TrainState, rest, batch):
-    preds, _ = self._model(self.eval_graph, state, rest)(batch['image'])
-    metric = self.metrics_cls.single_from_model_output(preds=preds, batch=batch)
-    n = self.config.num_eval_images
-    return (metric, jax.tree.map(lambda p: p[:n], preds),
-            {name: preds[name] for name in self.host_tasks})
+    preds, _ = self.model(self.eval_graph, state, rest)(batch['image'])
+    device_out = {name: e.device_fn(preds, batch) for name, e in self.evaluators.items()}
+    return device_out, {name: preds[name] for name in self.host_tasks}
 
-  # -- evaluation ----------------------------------------------------------------------------
-
-  def evaluate(self, state: TrainState, eval_iter) -> tuple[dict[str, float], dict]:
-    """Metrics over the whole eval split and (first batch) inputs, labels and predictions.
-
-    With ``config.eval_boundary`` / ``config.save_predictions`` every valid example of this
-    process is also scored / written (see the module docstring); `eval_iter` must then be
-    make_eval_iterator's over `self.eval_source`.
-    """
-    config = self.config
-    boundary_eval = BoundaryEvaluation(
-        tasks_lib.DATASETS[dataset_kind(config)].edge_max_dist,
-        config.eval_boundary_workers) if config.eval_boundary else None
-    total, sample, position = None, None, 0
+  def evaluate(self, state: TrainState, eval_iter, step: int = 0
+               ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """One pass of every evaluator over `eval_iter` (make_eval_iterator's batches of
+    `self.eval_source`) -> (scalars, images), keyed without the `eval/` prefix."""
+    for e in self.evaluators.values():
+      e.start(step)
     for local in eval_iter:
-      metric, preds, host = self.eval_step(state, self.rest,
-                                           sharding.global_batch(local, self.mesh))
-      metric = jax.tree.map(_widen, jax.device_get(metric))
-      total = metric if total is None else total.merge(metric)
-      if sample is None:
-        sample = {'batch': jax.tree.map(lambda x: x[:config.num_eval_images], local),
-                  'preds': jax.device_get(preds)}
-      if self.host_tasks:
-        host = {name: _local_rows(x) for name, x in host.items()}
-        for i in np.flatnonzero(local['example_valid']):
-          self._per_example({name: x[i] for name, x in host.items()}, position + i,
-                            boundary_eval)
-      position += len(local['example_valid'])
-    metrics = metrics_lib.flatten(total.compute())
-    if boundary_eval:
-      metrics.update({f'edge/{k}': v for k, v in boundary_eval.scores().items()})
-    return metrics, sample
-
-  def _per_example(self, preds: dict[str, np.ndarray], position: int,
-                   boundary_eval: 'BoundaryEvaluation | None') -> None:
-    """Boundary counts and saved predictions of the `position`-th example of this process.
-
-    make_eval_iterator gives process p the examples p, p + P, p + 2P, ... of the split, so the
-    example's id, original size and boundary ground truth are read back from the source.
-    """
-    example = self.eval_source[jax.process_index() + jax.process_count() * position]
-    image_id = _text(example['id'])
-    size = tuple(example['image'].shape[:2])
-    original = {name: to_original_size(pred, size, self.config.input.augment)
-                for name, pred in preds.items()}
-    if boundary_eval:
-      labels = example['label_map'] if 'label_map' in example else example['edge'][..., 0]
-      boundary_eval.add(boundary.to_png(original['edge'][..., 0]), labels)
-    if self.config.save_predictions:
-      for name, pred in original.items():
-        save_prediction(self.workdir / 'predictions' / name, image_id, self.tasks[name], pred,
-                        self.config.convention)
-
-  def prediction_grid(self, sample) -> np.ndarray:
-    """Rows = examples; columns = input, then label and prediction for every task."""
-    batch, preds = sample['batch'], sample['preds']
-    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-    rows = []
-    for i in range(min(len(batch['image']), self.config.num_eval_images)):
-      if not batch['example_valid'][i]:
-        continue
-      row = [((batch['image'][i] * std + mean) * 255).clip(0, 255).astype(np.uint8)]
-      for name, task in self.tasks.items():
-        label = batch[name][i]
-        depth_range = None
-        if task.kind == 'depth':
-          valid = label[label > 0]
-          depth_range = (float(valid.min()), float(valid.max())) if valid.size else (0., 1.)
-        row.append(tasks_lib.render(task, label, is_label=True, depth_range=depth_range))
-        row.append(tasks_lib.render(task, preds[name][i], depth_range=depth_range))
-      rows.append(row)
-    return reporting.image_grid(rows)
-
-
-def to_original_size(pred: np.ndarray, size: tuple[int, int], augment: str) -> np.ndarray:
-  """A (H, W, C) prediction on the eval input, back at the example's original (h, w) `size`.
-
-  'mlore' eval padded the image: the centred crop (top = (H - h) // 2, the references'
-  `save_model_pred_for_one_task`). 'mtlora' eval resized it: the logits are resized back
-  (bilinear; the reference does not save predictions).
-  """
-  h, w = size
-  if augment == 'mtlora':
-    if pred.shape[:2] == (h, w):
-      return pred
-    out = cv2.resize(np.asarray(pred, np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    return out.reshape(h, w, pred.shape[-1])  # cv2 drops a channel axis of size 1
-  top, left = (pred.shape[0] - h) // 2, (pred.shape[1] - w) // 2
-  return pred[top:top + h, left:left + w]
-
-
-def encode_prediction(task: tasks_lib.Task, pred: np.ndarray, convention: str) -> np.ndarray:
-  """The saved form of a (h, w, C) prediction: the references' `get_output` and uint8 cast.
-
-  segmentation: argmax ids; saliency: 255 x softmax[..., 1] (2 channels) or 255 x sigmoid;
-  edge: `boundary.to_png`; normals: 255 (normalize(x) + 1) / 2 as RGB; all truncated to uint8.
-  depth: float32 metres, clamped at 0 for 'mlore' (MTLoRA saves the raw output).
-  """
-  pred = np.asarray(pred, np.float32)
-  if task.kind == 'segmentation':
-    return pred.argmax(-1).astype(np.uint8)
-  if task.kind == 'saliency':
-    with np.errstate(over='ignore'):  # exp overflow -> probability 0, as in torch
-      if pred.shape[-1] == 2:
-        prob = np.float32(1) / (np.float32(1) + np.exp(pred[..., 0] - pred[..., 1]))
-      else:
-        prob = np.float32(1) / (np.float32(1) + np.exp(-pred[..., 0]))
-    return (np.float32(255) * prob).astype(np.uint8)
-  if task.kind == 'edge':
-    return boundary.to_png(pred[..., 0])
-  if task.kind == 'normals':
-    unit = pred / np.maximum(np.linalg.norm(pred, axis=-1, keepdims=True), 1e-12)
-    return (255 * (unit + 1) / 2).astype(np.uint8)
-  if task.kind == 'depth':
-    return np.maximum(pred[..., 0], 0) if convention == 'mlore' else pred[..., 0]
-  raise ValueError(f'cannot save task kind {task.kind!r}')
-
-
-def save_prediction(directory, image_id: str, task: tasks_lib.Task, pred: np.ndarray,
-                    convention: str) -> None:
-  """Writes DIRECTORY/<id>.png (8-bit L or RGB), or DIRECTORY/<id>.mat ({'depth': (h, w)}) for
-  depth, as the references' savers do (specs/datasets_metrics.md §4.5 step 1)."""
-  directory = epath.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  value = encode_prediction(task, pred, convention)
-  buf = io.BytesIO()
-  if task.kind == 'depth':
-    scipy.io.savemat(buf, {'depth': value})
-  else:
-    Image.fromarray(value).save(buf, format='PNG')
-  (directory / f'{image_id}.{"mat" if task.kind == "depth" else "png"}').write_bytes(
-      buf.getvalue())
-
-
-class BoundaryEvaluation:
-  """SEISM counts of one eval pass's edge predictions (mtl_jax/boundary.py), summed over hosts.
-
-  `add` queues one image (PNG at the original size, ground-truth labels) on a pool of
-  `workers` spawned processes (0: every CPU core; 1: evaluated inline), keeping at most
-  4 x workers images in flight; `scores` waits for them and returns odsF, oisF, ap, ... (x100).
-  """
-
-  def __init__(self, max_dist: float, workers: int = 0):
-    self.max_dist = max_dist
-    self.workers = workers or os.cpu_count() or 1
-    self.pool = (futures.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context(
-        'spawn')) if self.workers > 1 else None)
-    self.pending, self.counts = collections.deque(), []
-
-  def add(self, png: np.ndarray, labels: np.ndarray) -> None:
-    item = [(np.asarray(png), np.asarray(labels))]
-    if self.pool is None:
-      self.counts.append(boundary.evaluate_images(item, self.max_dist))
-      return
-    self.pending.append(self.pool.submit(boundary.evaluate_images, item, self.max_dist))
-    while len(self.pending) > 4 * self.workers:
-      self.counts.append(self.pending.popleft().result())
-
-  def scores(self) -> dict[str, float]:
-    while self.pending:
-      self.counts.append(self.pending.popleft().result())
-    if self.pool is not None:
-      self.pool.shutdown()
-    counts = (np.concatenate(self.counts) if self.counts
-              else np.zeros((0, len(boundary.THRESHOLDS), 4), np.int64))
-    totals, ois = boundary.reduce_counts(counts)
-    return boundary.scores(_sum_over_hosts(totals), _sum_over_hosts(ois))
-
-
-def _sum_over_hosts(x: np.ndarray) -> np.ndarray:
-  """Exact sum over processes of a non-negative int64 array (< 2^47).
-
-  Gathers move int32 (x64 is off), so the values travel as two 24-bit halves.
-  """
-  if jax.process_count() == 1:
-    return x
-  x = np.asarray(x, np.int64)
-  halves = np.stack([x >> 24, x & (2 ** 24 - 1)]).astype(np.int32)
-  gathered = np.asarray(multihost_utils.process_allgather(halves), np.int64).sum(0)
-  return (gathered[0] << 24) + gathered[1]
+      device_out, host = self.eval_step(state, self.rest, sharding.global_batch(local, self.mesh))
+      device_out = jax.device_get(device_out)
+      host = {name: _local_rows(x) for name, x in host.items()}
+      for name, e in self.evaluators.items():
+        e.add(local, device_out[name], host)
+    scalars, images = {}, {}
+    for e in self.evaluators.values():
+      result = e.finish()
+      scalars.update(result.scalars)
+      images.update(result.images)
+    return scalars, images
 
 
 def _local_rows(x: jax.Array) -> np.ndarray:
@@ -432,53 +236,19 @@ def _local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
 
 
-def _text(value) -> str:
-  return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _widen(x):
-  """Host-side accumulation dtype: int64 / float64 (per-batch device counts are 32-bit)."""
-  x = np.asarray(x)
-  if np.issubdtype(x.dtype, np.integer):
-    return x.astype(np.int64)
-  if np.issubdtype(x.dtype, np.floating):
-    return x.astype(np.float64)
-  return x
-
-
 def _flatten(tree: dict, prefix: str) -> dict[str, np.ndarray]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {f'{prefix}/{sharding.path_str(p)}': np.asarray(v) for p, v in flat}
 
 
-def _count(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
-def _log_parameters(state: TrainState, writer, write_scalars: bool) -> None:
-  params = {'trainable': state.params, 'frozen': state.frozen}
-  logging.info('Parameters:\n%s', parameter_overview.get_parameter_overview(
-      jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params), include_stats=False))
-  groups = {}
-  for kind, tree in params.items():
-    for name, sub in tree.items():
-      groups[f'params/{kind}/{name}'] = _count(sub)
-  total, trainable = _count(params), _count(state.params)
-  for name, n in sorted(groups.items()):
-    logging.info('  %-40s %14s', name, f'{n:,}')
-  logging.info('Parameters: total=%s trainable=%s', f'{total:,}', f'{trainable:,}')
-  if write_scalars:
-    writer.write_scalars(0, {'params/total': total, 'params/trainable': trainable})
-
-
-def _write_eval(writer, step, trainer, metrics, sample, workdir) -> None:
+def _evaluate_and_write(writer, step, trainer, state, eval_iter) -> dict[str, float]:
+  metrics, images = trainer.evaluate(state, eval_iter, step)
   writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
-  grid = trainer.prediction_grid(sample)
-  writer.write_images(step, {'eval/predictions': grid[None]})
-  if jax.process_index() == 0:
-    reporting.save_png(epath.Path(workdir) / 'predictions' / f'step_{step:07d}.png', grid)
+  if images:
+    writer.write_images(step, {f'eval/{k}': v[None] for k, v in images.items()})
   logging.info('eval @%d: %s', step, ', '.join(
       f'{k}={v:.4g}' for k, v in metrics.items() if k.split('/')[-1] in _MAIN_METRICS))
+  return metrics
 
 
 _MAIN_METRICS = ('miou', 'maxf', 'mean', 'rmse', 'loss', 'rmse_predict_mean', 'odsF')
@@ -491,7 +261,8 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
   """
   trainer = Trainer(config, workdir, devices)
   workdir = trainer.workdir
-  train_iter = input_pipeline.make_train_iterator(config, trainer.tasks, source=trainer.train_source)
+  train_iter = input_pipeline.make_train_iterator(config, trainer.tasks,
+                                                  source=trainer.train_source)
   eval_iter, _ = input_pipeline.make_eval_iterator(
       config, trainer.tasks, config.dataset.eval_split, source=trainer.eval_source)
 
@@ -503,20 +274,17 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
 
   latest = ckpt.latest_step()
   if latest is not None:
-    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                            trainer.abstract_state, trainer.state_sharding)
-    state = TrainState(**ckpt.restore(latest, abstract.as_dict(), train_iter))
+    state = trainer.restore(ckpt, latest, train_iter)
     reporting.truncate_metrics(workdir, latest)
     logging.info('Resumed from %s at step %d', ckpt.directory, latest)
   else:
     state = trainer.init_state()
-  _log_parameters(state, writer, write_scalars=latest is None)
+  reporting.log_parameters(state.params, state.frozen, writer, write_scalars=latest is None)
 
   step, total = int(state.step), config.total_steps
   eval_metrics = {}
   if step == 0 and config.eval_at_start:
-    eval_metrics, sample = trainer.evaluate(state, eval_iter)
-    _write_eval(writer, 0, trainer, eval_metrics, sample, workdir)
+    eval_metrics = _evaluate_and_write(writer, 0, trainer, state, eval_iter)
     writer.flush()
 
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
@@ -547,8 +315,7 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
 
     if step % config.eval_every_steps == 0 or step == total:
       with report.timed('eval'):
-        eval_metrics, sample = trainer.evaluate(state, eval_iter)
-      _write_eval(writer, step, trainer, eval_metrics, sample, workdir)
+        eval_metrics = _evaluate_and_write(writer, step, trainer, state, eval_iter)
 
     if step % config.checkpoint_every_steps == 0 or step == total:
       with report.timed('checkpoint'):
@@ -579,7 +346,6 @@ def evaluate_checkpoint(config, workdir) -> dict[str, float]:
       config, trainer.tasks, config.dataset.eval_split, source=trainer.eval_source)
   state = trainer.init_state(trainer.workdir if step is not None else config.init_from)
   writer = reporting.create_writer(trainer.workdir, jsonl=reporting.EVAL_METRICS_FILE)
-  metrics, sample = trainer.evaluate(state, eval_iter)
-  _write_eval(writer, step or 0, trainer, metrics, sample, trainer.workdir)
+  metrics = _evaluate_and_write(writer, step or 0, trainer, state, eval_iter)
   writer.close()
   return metrics

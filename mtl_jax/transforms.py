@@ -2,14 +2,14 @@
 
 Two chains, selected by ``config.input.augment`` (mtl_jax/input_pipeline.py):
 
-* ``'mlore'``: the MLoRE / InvPT chains of specs/mlore.md §5.1 and specs/datasets_metrics.md §3.1
+* ``'mlore'``: the MLoRE / InvPT chains of docs/mlore.md §5.1 and docs/datasets_metrics.md §3.1
   (`MLoRE:data/transforms.py`, "same transform as ATRC"), `TrainTransform` / `EvalTransform`:
 
   - train: `random_scaling` -> `random_crop` -> `random_horizontal_flip` ->
     `photometric_distortion` -> `normalize` -> `pad` -> `add_ignore_regions`;
   - eval: `normalize` -> `pad` -> `add_ignore_regions` (no resize, no flip).
 
-* ``'mtlora'``: the MTLoRA / MTI-Net chains of specs/mtlora.md §8 and specs/datasets_metrics.md
+* ``'mtlora'``: the MTLoRA / MTI-Net chains of docs/mtlora.md §8 and docs/datasets_metrics.md
   §3.2 (`MTLoRA:data/mtl_ds.py:get_transformations`), `MTLoRATrainTransform` /
   `MTLoRAEvalTransform`:
 
@@ -39,7 +39,7 @@ from mtl_jax import tasks as tasks_lib
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_PAD_VALUE = 0.0  # in normalised space
-# MTLoRA / MTI-Net interpolation flags (`FLAGVALS`, specs/datasets_metrics.md §3.2); every key not
+# MTLoRA / MTI-Net interpolation flags (`FLAGVALS`, docs/datasets_metrics.md §3.2); every key not
 # listed (semseg, human_parts, sal, edge, depth) is nearest.
 MTLORA_INTERPOLATION = {'image': cv2.INTER_CUBIC, 'normals': cv2.INTER_CUBIC}
 Sample = dict[str, np.ndarray]
@@ -69,7 +69,7 @@ def resize(sample: Sample, size: tuple[int, int],
   """Resizes every map to `size` (H, W) with cv2.
 
   `interpolation` maps keys to cv2 flags; by default the image is bilinear and every label nearest
-  (`RandomScaling.mode`, specs/datasets_metrics.md §3.1 step 1).
+  (`RandomScaling.mode`, docs/datasets_metrics.md §3.1 step 1).
   """
   interpolation = interpolation or {}
   out = {}
@@ -120,7 +120,7 @@ def _class_balanced(semseg: np.ndarray, cat_max_ratio: float) -> bool:
 
 def random_crop(sample: Sample, rng: np.random.Generator, size: tuple[int, int],
                 cat_max_ratio: float = 0.75) -> Sample:
-  """`RandomCrop(size, cat_max_ratio)` (specs/datasets_metrics.md §3.1 step 2).
+  """`RandomCrop(size, cat_max_ratio)` (docs/datasets_metrics.md §3.1 step 2).
 
   Maps smaller than `size` are not padded here. With cat_max_ratio < 1 and a semseg label, a crop
   failing `_class_balanced` is redrawn up to 10 times; as in the reference, the 10th redraw is kept
@@ -144,7 +144,7 @@ def hflip(sample: Sample) -> Sample:
 
 
 def random_horizontal_flip(sample: Sample, rng: np.random.Generator, p: float = 0.5) -> Sample:
-  """`RandomHorizontalFlip(p)` (specs/datasets_metrics.md §3.1 step 3)."""
+  """`RandomHorizontalFlip(p)` (docs/datasets_metrics.md §3.1 step 3)."""
   return hflip(sample) if rng.random() < p else sample
 
 
@@ -155,7 +155,7 @@ def rotate_normals(normals: np.ndarray, angle: float) -> np.ndarray:
   (counter-clockwise on screen) for x-right / y-up normals. The reference
   (`ScaleNRotate`: (n0, n1) = r (sin, cos)(atan2(n0, n1) + angle)) rotates clockwise, which is
   right for y-down normals only; mtl_jax normals are y up, so the sign is flipped here
-  (specs/datasets_metrics.md §3.2).
+  (docs/datasets_metrics.md §3.2).
   """
   a = np.deg2rad(angle)
   c, s = np.float32(np.cos(a)), np.float32(np.sin(a))
@@ -172,7 +172,7 @@ def renormalize_normals(normals: np.ndarray) -> np.ndarray:
 
 
 def scale_and_rotate(sample: Sample, angle: float, scale: float) -> Sample:
-  """`ScaleNRotate` by `angle` degrees (counter-clockwise) and `scale` (specs/mtlora.md §8).
+  """`ScaleNRotate` by `angle` degrees (counter-clockwise) and `scale` (docs/mtlora.md §8).
 
   Every map is warped with `cv2.warpAffine(getRotationMatrix2D((W / 2, H / 2), angle, scale))`
   onto a canvas of its own size, with `MTLORA_INTERPOLATION`. As in the reference:
@@ -207,7 +207,7 @@ def random_scale_and_rotate(sample: Sample, rng: np.random.Generator,
   """`ScaleNRotate` with angle ~ U(rotation_range), scale ~ U(scale_range) or from scale_choices.
 
   PASCAL: rotation (-20, 20), scale (0.75, 1.25); NYUD: rotation (0, 0), scale_choices
-  (1.0, 1.2, 1.5) (specs/mtlora.md §8). The reference computes `(hi - lo) * U - (hi - lo) / 2`
+  (1.0, 1.2, 1.5) (docs/mtlora.md §8). The reference computes `(hi - lo) * U - (hi - lo) / 2`
   (+ 1 for the scale), i.e. centres the ranges on 0 and 1; that equals U(lo, hi) for its
   symmetric ranges, and U(lo, hi) is used here for any range.
   """
@@ -222,7 +222,7 @@ def random_scale_and_rotate(sample: Sample, rng: np.random.Generator,
 def fixed_resize(sample: Sample, size: tuple[int, int]) -> Sample:
   """`FixedResize(size)`: every map to `size` with `MTLORA_INTERPOLATION`, normals renormalised.
 
-  The aspect ratio is not kept (specs/datasets_metrics.md §3.2).
+  The aspect ratio is not kept (docs/datasets_metrics.md §3.2).
   """
   out = resize(sample, size, MTLORA_INTERPOLATION)
   if 'normals' in out:
@@ -239,7 +239,7 @@ def pad(sample: Sample, size: tuple[int, int], tasks: Mapping[str, tasks_lib.Tas
   h, w = sample['image'].shape[:2]
   if h > size[0] or w > size[1]:
     raise ConfigError(f'example of size {h}x{w} is larger than config.input.crop_size '
-                      f'{tuple(size)}; evaluation does not resize (specs/mlore.md §5.1), so set '
+                      f'{tuple(size)}; evaluation does not resize (docs/mlore.md §5.1), so set '
                       'crop_size to at least the largest image size')
   top, left = (size[0] - h) // 2, (size[1] - w) // 2
   out = {}
@@ -264,7 +264,7 @@ def photometric_distortion(image: np.ndarray, rng: np.random.Generator,
                            contrast_range: tuple[float, float] = (0.5, 1.5),
                            saturation_range: tuple[float, float] = (0.5, 1.5),
                            hue_delta: int = 18) -> np.ndarray:
-  """`PhotoMetricDistortion` on a uint8 RGB image (specs/datasets_metrics.md §3.1 step 4).
+  """`PhotoMetricDistortion` on a uint8 RGB image (docs/datasets_metrics.md §3.1 step 4).
 
   Each step has probability 0.5: brightness + U(±delta); contrast x U(range), first or last (coin
   flip); saturation x U(range) in cv2 HSV; hue + randint(-delta, delta - 1) mod 180. No channel
@@ -309,7 +309,7 @@ def wrap_to_uint8(image: np.ndarray) -> np.ndarray:
   Truncates towards zero and keeps the low 8 bits, so the cubic overshoot *wraps* (-1.5 -> 255,
   256.2 -> 0) instead of clipping: what numpy's cast gives on x86 (out-of-range float -> uint8
   casts are undefined in C and may differ on other CPUs). Reproduced on purpose
-  (specs/datasets_metrics.md §3.2).
+  (docs/datasets_metrics.md §3.2).
   """
   return (np.trunc(image).astype(np.int64) & 255).astype(np.uint8)
 
@@ -342,7 +342,7 @@ def dummy_example(tasks: Mapping[str, tasks_lib.Task], size: tuple[int, int]) ->
 # Chains, as grain transforms.
 
 class TrainTransform(grain.transforms.RandomMap):
-  """The MLoRE / InvPT training chain (specs/mlore.md §5.1), one example at a time."""
+  """The MLoRE / InvPT training chain (docs/mlore.md §5.1), one example at a time."""
 
   def __init__(self, tasks: Mapping[str, tasks_lib.Task], crop_size: tuple[int, int],
                scale_range: tuple[float, float] = (0.5, 2.0), cat_max_ratio: float = 0.75,
@@ -386,7 +386,7 @@ class EvalTransform(grain.transforms.Map):
 
 
 class MTLoRATrainTransform(grain.transforms.RandomMap):
-  """The MTLoRA / MTI-Net training chain (specs/mtlora.md §8, specs/datasets_metrics.md §3.2)."""
+  """The MTLoRA / MTI-Net training chain (docs/mtlora.md §8, docs/datasets_metrics.md §3.2)."""
 
   def __init__(self, tasks: Mapping[str, tasks_lib.Task], crop_size: tuple[int, int],
                rotation_range: tuple[float, float] = (-20.0, 20.0),

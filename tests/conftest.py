@@ -14,7 +14,7 @@ if ROOT not in sys.path:
 
 from absl import flags  # pylint: disable=g-import-not-at-top
 
-# grain reads absl flags; outside absl.app.run they must be marked parsed (specs/stack.md §3).
+# grain reads absl flags; outside absl.app.run they must be marked parsed (docs/stack.md §3).
 if not flags.FLAGS.is_parsed():
   flags.FLAGS.mark_as_parsed()
 
@@ -26,7 +26,6 @@ import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
 @pytest.fixture(scope='session')
 def tfds_dir(tmp_path_factory):
   """A TFDS data dir with synthetic_scenes/tiny (8 + 4 images) and /ci (512 + 96), built once."""
-  import data_builders.synthetic_scenes  # pylint: disable=g-import-not-at-top,unused-import
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = tmp_path_factory.mktemp('tfds')
   for name in ('tiny', 'ci'):

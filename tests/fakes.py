@@ -1,6 +1,6 @@
 """Writers of tiny fake downloads in the exact on-disk formats of the real datasets.
 
-specs/datasets_metrics.md §6.2: PASCAL-Context MT (`PASCALContext/` = `PASCAL_MT/` layout, with
+docs/datasets_metrics.md §6.2: PASCAL-Context MT (`PASCALContext/` = `PASCAL_MT/` layout, with
 PASCAL-Part `.mat` structs and `LabelMap` `.mat` files written by scipy.io.savemat), NYUD-v2 in the
 InvPT layout, the MTI-Net `NYUD_MT` layout, and the official `nyu_depth_v2_labeled.mat` (MATLAB
 v7.3 = HDF5 with the 512-byte MATLAB header, arrays stored transposed). Odd sizes (37 x 53,

@@ -1,6 +1,6 @@
 """Tests of the SEISM boundary evaluation (mtl_jax/boundary.py, mtl_jax/tools/eval_boundary.py).
 
-Known answers on hand-made maps (specs/datasets_metrics.md §4.5): 160 x 160 images have a
+Known answers on hand-made maps (docs/datasets_metrics.md §4.5): 160 x 160 images have a
 diagonal of 226.3 px, so maxDist is 1.70 px for PASCAL-Context (0.0075) and 2.49 px for NYUD
 (0.011): a 1 px shift is matched by both, a 2 px shift by NYUD only.
 """
@@ -218,6 +218,7 @@ def test_counts_sum_across_batches():
   np.testing.assert_array_equal(ois, ois_a + ois_b)
 
 
+@pytest.mark.slow
 def test_workers_give_the_same_counts():
   gt = _segment()
   items = [(_png(np.roll(gt, s, axis=0), 200), gt) for s in (0, 1, 2)]
@@ -260,6 +261,7 @@ def _run_cli(*args) -> subprocess.CompletedProcess:
                         env=env, capture_output=True, text=True, timeout=120, check=False)
 
 
+@pytest.mark.slow
 def test_cli_writes_json_and_fails_cleanly(tmp_path):
   pred, gt_root = _write_pascal(tmp_path)
   ids = tmp_path / 'ids.txt'
@@ -283,7 +285,8 @@ def test_cli_writes_json_and_fails_cleanly(tmp_path):
 
 @pytest.mark.parametrize('change, message', [
     (lambda pred, gt: (pred / 'b.png').unlink(), '1 of 2 predictions are missing'),
-    (lambda pred, gt: (gt / 'pascal-context/trainval/a.mat').unlink(), "no ground truth for id 'a'"),
+    (lambda pred, gt: (gt / 'pascal-context/trainval/a.mat').unlink(),
+     "no ground truth for id 'a'"),
     (lambda pred, gt: Image.fromarray(np.zeros((SIZE, SIZE, 3), np.uint8)).save(pred / 'a.png'),
      "PIL mode 'RGB'"),
     (lambda pred, gt: (pred / 'a.png').write_bytes(b'not a png'), 'not a readable PNG'),
@@ -314,6 +317,7 @@ def test_cli_needs_exactly_one_gt_source(tmp_path):
     eval_boundary.evaluate(str(tmp_path), 'cityscapes', gt=str(tmp_path))
 
 
+@pytest.mark.slow
 def test_cli_tfds_source(tmp_path):
   # A stand-in for the TFDS data source: NYUD examples carry `edge` (H, W, 1) and `id` bytes.
   gt = _segment()
@@ -329,8 +333,8 @@ def test_cli_tfds_source(tmp_path):
   assert counts.shape == (2, 101, 4) and (counts[:, :, 1] > 0).all()
 
 
+@pytest.mark.slow
 def test_cli_function_on_a_tfds_dataset(tmp_path):
-  import data_builders.nyud_v2  # pylint: disable=g-import-not-at-top,unused-import  (registers)
   fakes.write_nyud(tmp_path / 'manual')
   tfds.builder('nyud_v2', data_dir=str(tmp_path / 'tfds')).download_and_prepare(
       file_format='array_record',

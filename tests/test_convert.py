@@ -1,4 +1,5 @@
-"""Checkpoint reading without torch (mtl_jax/tools/torch_pickle.py) and conversion (convert.py).
+"""Checkpoint reading without torch (mtl_jax/convert/torch_pickle.py) and conversion (the
+mtl_jax/convert package and its CLI, mtl_jax/tools/convert.py).
 
 `.pth` files are written by `save_pth` below, a minimal `torch.save` (zip archive + protocol-2
 pickle calling `torch._utils._rebuild_tensor_v2` on `torch.<T>Storage` persistent ids). It was
@@ -26,9 +27,11 @@ from conftest import FIXTURES, ROOT, smoke_config
 from configs import common
 from mtl_jax import ConfigError
 from mtl_jax import checkpoint
-from mtl_jax.models import vit
-from mtl_jax.tools import convert
-from mtl_jax.tools import torch_pickle
+from mtl_jax import convert
+from mtl_jax.convert import keys
+from mtl_jax.convert import torch_pickle
+from mtl_jax.convert import vit as vit_convert
+from mtl_jax.tools import convert as convert_cli
 
 # -- a minimal torch.save -----------------------------------------------------------------------
 
@@ -284,13 +287,13 @@ def torch_bicubic_reference(x: np.ndarray, out_h: int, out_w: int) -> np.ndarray
 
 def test_bicubic_matches_torch_formula():
   # Hand-computed: [0, 1] -> 4 samples at -0.25, 0.25, 0.75, 1.25 (Keys a=-0.75, clamped).
-  np.testing.assert_allclose(convert.bicubic_matrix(2, 4) @ [0.0, 1.0],
+  np.testing.assert_allclose(vit_convert.bicubic_matrix(2, 4) @ [0.0, 1.0],
                              [-0.10546875, 0.2265625, 0.7734375, 1.10546875], atol=1e-12)
-  np.testing.assert_array_equal(convert.bicubic_matrix(5, 5), np.eye(5))
+  np.testing.assert_array_equal(vit_convert.bicubic_matrix(5, 5), np.eye(5))
   rng = np.random.default_rng(0)
   for (g, h, w) in ((6, 8, 10), (24, 32, 32), (24, 28, 36), (6, 4, 3)):
     pos = rng.standard_normal((1, 1 + g * g, 3)).astype(np.float32)
-    got = convert.resize_pos_embed(pos, (h, w))
+    got = vit_convert.resize_pos_embed(pos, (h, w))
     want = torch_bicubic_reference(pos[0, 1:].reshape(g, g, 3).astype(np.float64), h, w)
     assert got.shape == (1, 1 + h * w, 3) and got.dtype == np.float32
     np.testing.assert_array_equal(got[:, 0], pos[:, 0])  # slot 0 copied
@@ -348,7 +351,7 @@ def expected_backbone(sd, grid_hw):
   g = int(round((sd['pos_embed'].shape[1] - 1) ** 0.5))
   resized = torch_bicubic_reference(sd['pos_embed'][0, 1:].reshape(g, g, -1), *grid_hw)
   pos = np.concatenate([sd['pos_embed'][0, :1], resized.reshape(-1, resized.shape[-1])])[None]
-  params = vit.vit_params_from_torch(dict(sd, pos_embed=pos.astype(np.float32)), prefix='')
+  params = vit_convert.backbone_from_torch(dict(sd, pos_embed=pos.astype(np.float32)), prefix='')
   np.testing.assert_array_equal(params['blocks'][1]['attn']['qkv']['kernel'],
                                 sd['blocks.1.attn.qkv.weight'].T)
   return params
@@ -376,9 +379,9 @@ def test_timm_vit_to_backbone(tmp_path, kind):
     safetensors.numpy.save_file(sd, path)
   else:
     np.savez(path, **augreg_npz(sd, heads=2))
-  metadata = convert.run('timm_vit', path, str(tmp_path / 'out'), config)
+  metadata = convert_cli.run('timm_vit', path, str(tmp_path / 'out'), config)
   assert metadata['pos_embed_resized'] == '25 -> 3x4' and metadata['dropped'] == 3
-  assert metadata['source_sha256'] == convert.sha256(path) and metadata['format'] == 'timm_vit'
+  assert metadata['source_sha256'] == convert_cli.sha256(path) and metadata['format'] == 'timm_vit'
   params, batch_stats = checkpoint.load_weights(str(tmp_path / 'out'))
   assert list(params) == ['backbone'] and not batch_stats
   assert_tree_close(params['backbone'], expected_backbone(sd, (3, 4)), atol=2e-6)
@@ -390,7 +393,7 @@ def test_converted_backbone_loads_into_trainer(tfds_dir, tmp_path):
   config = smoke_config(tfds_dir)
   sd = timm_vit(np.random.default_rng(2), grid=2)
   safetensors.numpy.save_file(sd, str(tmp_path / 'vit.safetensors'))
-  convert.run('timm_vit', str(tmp_path / 'vit.safetensors'), str(tmp_path / 'w'), config)
+  convert_cli.run('timm_vit', str(tmp_path / 'vit.safetensors'), str(tmp_path / 'w'), config)
   trainer = train.Trainer(config, tmp_path / 'run')
   fresh = trainer.init_state()
   state = trainer.load_weights(fresh, str(tmp_path / 'w'))  # what --config.init_from does
@@ -418,6 +421,7 @@ def test_timm_vit_key_errors_are_one_line(tmp_path):
     convert.convert_state_dict(deep, 'timm_vit', config)
 
 
+@pytest.mark.slow
 def test_cli_one_error_line_and_no_partial_output(tmp_path):
   config_arg = f'--config={os.path.join(ROOT, "configs", "demo.py")}:smoke'
   sd = timm_vit(np.random.default_rng(4))
@@ -434,7 +438,7 @@ def test_cli_one_error_line_and_no_partial_output(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['bad.pth']  # nothing written
 
 
-# -- official state-dict listings (specs/state_dicts, copied to tests/fixtures) -------------------
+# -- official state-dict listings (listed from the official code into tests/fixtures) ------
 
 def read_listing(name: str) -> dict[str, tuple[tuple[int, ...], str, str]]:
   """{key: (shape, dtype, tag)} of a `key (shape) dtype [tag]` listing."""
@@ -450,7 +454,7 @@ def read_listing(name: str) -> dict[str, tuple[tuple[int, ...], str, str]]:
 
 
 def relative_position_index(ws: int) -> np.ndarray:
-  """specs/mtlora.md §1.3: index[i, j] = (dr + ws - 1) * (2 ws - 1) + (dc + ws - 1)."""
+  """docs/mtlora.md §1.3: index[i, j] = (dr + ws - 1) * (2 ws - 1) + (dc + ws - 1)."""
   r, c = np.divmod(np.arange(ws * ws), ws)
   return (r[:, None] - r[None] + ws - 1) * (2 * ws - 1) + (c[:, None] - c[None] + ws - 1)
 
@@ -469,7 +473,7 @@ def _swin_config(module: str, arg: str):
 
 @pytest.fixture(scope='module')
 def swin_t_imagenet():
-  """Random Swin-T ImageNet weights in the official `model` layout (specs/mtlora.md §7)."""
+  """Random Swin-T ImageNet weights in the official `model` layout (docs/mtlora.md §7)."""
   rng = np.random.default_rng(0)
   return {k: relative_position_index(7) if k.endswith('relative_position_index')
           else rng.standard_normal(shape, dtype=np.float32) for k, (shape, _, _) in
@@ -478,14 +482,15 @@ def swin_t_imagenet():
 
 _SWIN_LISTINGS = {
     ('mtlora_pascal', ''): 'mtlora_state_dict_mtlora_tiny_448_r64_scale4_pertask.txt',
-    ('mtlora_pascal', 'rank=16,plus'): 'mtlora_state_dict_mtlora_plus_tiny_448_r16_scale4_pertask.txt',
+    ('mtlora_pascal', 'rank=16,plus'):
+        'mtlora_state_dict_mtlora_plus_tiny_448_r16_scale4_pertask.txt',
     ('swin_pascal', ''): 'mtlora_state_dict_swin_tiny_patch4_window7_448.txt',
 }
 
 
 @pytest.mark.parametrize('module,arg', list(_SWIN_LISTINGS))
 def test_swin_imagenet_to_backbone(swin_t_imagenet, module, arg):
-  from mtl_jax.models import mtlora  # pylint: disable=g-import-not-at-top
+  from mtl_jax.convert import mtlora  # pylint: disable=g-import-not-at-top
   config = _swin_config(module, arg)
   params, batch_stats, info = convert.convert_state_dict(swin_t_imagenet, 'swin_imagenet', config)
   assert list(params) == ['backbone'] and not batch_stats
@@ -494,7 +499,7 @@ def test_swin_imagenet_to_backbone(swin_t_imagenet, module, arg):
   want = {k for k, (_, _, tag) in listing.items()
           if k.startswith('backbone.') and tag != 'B' and 'lora_' not in k}
   got = {mtlora.torch_key(('backbone', *path.split('/'))): v
-         for path, v in convert.flatten(params['backbone']).items()}
+         for path, v in keys.flatten(params['backbone']).items()}
   assert set(got) == want
   # ... is the ImageNet tensor of the same name without `backbone.` and MTLoRALinear's `.linear`.
   for key, value in got.items():
@@ -532,14 +537,14 @@ def test_mtlora_listings_convert(module, arg):
   config = _swin_config(module, arg)
   sd = listing_state_dict(read_listing(_SWIN_LISTINGS[module, arg]), prefix='module.')
   params, batch_stats, _ = convert.convert_state_dict(sd, 'mtlora', config)  # checks all shapes
-  want_params, want_stats = convert.abstract_weights(config)
-  assert len(convert.flatten(params)) == len(convert.flatten(want_params))
-  assert len(convert.flatten(batch_stats)) == len(convert.flatten(want_stats)) == 4 * 2
+  want_params, want_stats = keys.abstract_weights(config)
+  assert len(keys.flatten(params)) == len(keys.flatten(want_params))
+  assert len(keys.flatten(batch_stats)) == len(keys.flatten(want_stats)) == 4 * 2
 
 
 def test_mtlora_checkpoint_round_trip(tmp_path):
   """A full `ckpt_epoch_N.pth` (model + optimizer + pickled yacs config) -> weights."""
-  from mtl_jax.models import mtlora  # pylint: disable=g-import-not-at-top
+  from mtl_jax.convert import mtlora  # pylint: disable=g-import-not-at-top
   with open(os.path.join(FIXTURES, 'mtlora_tiny_seed0.json')) as f:
     config = mtlora.config_from_reference(common.get_config(), json.load(f))
   arrays = np.load(os.path.join(FIXTURES, 'mtlora_tiny_seed0_slim.npz'))
@@ -551,16 +556,17 @@ def test_mtlora_checkpoint_round_trip(tmp_path):
       'model': sd, 'optimizer': {'state': {0: {'exp_avg': sd['backbone.patch_embed.proj.bias']}},
                                  'param_groups': [{'lr': 1e-4, 'params': [0]}]},
       'lr_scheduler': {'last_epoch': 4}, 'max_accuracy': 0.0, 'epoch': 4, 'config': cfg})
-  metadata = convert.run('mtlora', str(tmp_path / 'ckpt_epoch_4.pth'), str(tmp_path / 'w'), config)
+  metadata = convert_cli.run('mtlora', str(tmp_path / 'ckpt_epoch_4.pth'), str(tmp_path / 'w'),
+                             config)
   assert not (tmp_path / 'pwned').exists()
   assert metadata['key'] == 'model' and metadata['source_arrays'] == len(sd)
   params, batch_stats = checkpoint.load_weights(str(tmp_path / 'w'))
-  want = mtlora.params_from_torch(sd, config)
+  want = mtlora.from_torch(sd, config)
   assert_tree_close(params, want['params'])
   assert_tree_close(batch_stats, want['batch_stats'])
 
 
-# -- MLoRE checkpoints (specs/mlore.md §3.5, §7, §8) ----------------------------------------------
+# -- MLoRE checkpoints (docs/mlore.md §3.5, §7, §8) ----------------------------------------------
 
 # official listing -> (config module, arg, parameters of the mtl_jax model: §7, without the
 # 26,661,804 that the ViT-B variant never uses)
@@ -585,7 +591,7 @@ def test_mlore_listings_convert(listing):
   """Every released MLoRE layout converts, abstractly, to exactly the config's model."""
   import jax  # pylint: disable=g-import-not-at-top
   import re  # pylint: disable=g-import-not-at-top
-  from mtl_jax.models import mlore  # pylint: disable=g-import-not-at-top
+  from mtl_jax.convert import mlore  # pylint: disable=g-import-not-at-top
   module, arg, num_params = _MLORE_LISTINGS[listing]
   config = _swin_config(module, arg)
   sd = abstract_listing(listing)
@@ -622,6 +628,7 @@ def test_mlore_key_errors_are_listed_together():
                                'mlore', _swin_config('mlore_pascal', 'vit=L'))
 
 
+@pytest.mark.slow
 def test_mlore_checkpoint_round_trip(tfds_dir, tmp_path):
   """Official-format .pth of the fixture weights -> convert -> `config.init_from` of the trainer
   -> the eval forward reproduces the official outputs (tests/test_mlore.py has the full parity).
@@ -633,7 +640,7 @@ def test_mlore_checkpoint_round_trip(tfds_dir, tmp_path):
   import re  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   from mtl_jax import train  # pylint: disable=g-import-not-at-top
-  from mtl_jax.models import mlore  # pylint: disable=g-import-not-at-top
+  from mtl_jax.convert import mlore  # pylint: disable=g-import-not-at-top
   with open(os.path.join(FIXTURES, 'mlore_pascal_tiny_seed0.json')) as f:
     config = mlore.config_from_reference(common.get_config(), json.load(f))
   arrays = np.load(os.path.join(FIXTURES, 'mlore_pascal_tiny_seed0_slim.npz'))
@@ -647,7 +654,7 @@ def test_mlore_checkpoint_round_trip(tfds_dir, tmp_path):
   save_pth(tmp_path / 'checkpoint.pth.tar', {
       'model': model_sd, 'optimizer': {'state': {}, 'param_groups': [{'lr': 2e-5}]},
       'scheduler': {'last_epoch': 7}, 'epoch': 7, 'iter_count': 40000})
-  metadata = convert.run('mlore', str(tmp_path / 'checkpoint.pth.tar'), str(tmp_path / 'w'),
+  metadata = convert_cli.run('mlore', str(tmp_path / 'checkpoint.pth.tar'), str(tmp_path / 'w'),
                          config)
   assert metadata['key'] == 'model' and metadata['source_arrays'] == len(model_sd)
   assert metadata['dropped'] == 1 + sum(k.endswith('num_batches_tracked') for k in model_sd)
@@ -658,10 +665,10 @@ def test_mlore_checkpoint_round_trip(tfds_dir, tmp_path):
   blank = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)),
                        trainer.abstract_state)
   state = trainer.load_weights(blank, config.init_from)
-  want = mlore.params_from_torch(model_sd, config)
+  want = mlore.from_torch(model_sd, config)
   assert_tree_close(state.params, want['params'])
   assert_tree_close(state.batch_stats, want['batch_stats'])
-  preds = jax.jit(lambda s, r, x: trainer._model(trainer.eval_graph, s, r)(x)[0])(  # pylint: disable=protected-access
+  preds = jax.jit(lambda s, r, x: trainer.model(trainer.eval_graph, s, r)(x)[0])(
       state, trainer.rest, arrays['input'].transpose(0, 2, 3, 1))
   for t in tasks:
     want = arrays[f'out/{t}']  # (2, K, 96, 96)[..., ::7, ::7] (make_slim.py)
@@ -669,6 +676,7 @@ def test_mlore_checkpoint_round_trip(tfds_dir, tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0, err_msg=t)
 
 
+@pytest.mark.slow
 def test_mlore_cli_one_error_line(tmp_path):
   """The tiny fixture checkpoint against the ViT-S config: exit 1, one line, nothing written."""
   arrays = np.load(os.path.join(FIXTURES, 'mlore_pascal_tiny_seed0_slim.npz'))
@@ -698,3 +706,119 @@ def test_timm_vit_into_mlore_backbone(tmp_path):
   assert list(params) == ['backbone'] and not batch_stats
   assert info == {'dropped': 3, 'pos_embed_resized': '25 -> 4x4'}
   assert_tree_close(params['backbone'], expected_backbone(sd, (4, 4)), atol=2e-6)
+
+
+# -- every family both ways, one error format, versioned dataset names ---------------------------
+
+def fixture_state_dict(name: str) -> dict[str, np.ndarray]:
+  """The `param/*` arrays of a shipped slim fixture: an official state dict."""
+  arrays = np.load(os.path.join(FIXTURES, f'{name}_slim.npz'))
+  return {k[len('param/'):]: arrays[k] for k in arrays.files if k.startswith('param/')}
+
+
+def fixture_config(name: str):
+  from mtl_jax.tools import parity  # pylint: disable=g-import-not-at-top
+  import importlib  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(FIXTURES, f'{name}.json')) as f:
+    sidecar = json.load(f)
+  family = importlib.import_module(f'mtl_jax.convert.{parity.family_of(sidecar)}')
+  return family, family.config_from_reference(common.get_config(), sidecar)
+
+
+def assert_state_dicts_equal(got, want):
+  assert sorted(got) == sorted(want)
+  for key, value in want.items():
+    assert got[key].dtype == value.dtype and got[key].shape == value.shape, key
+    np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize('name', ['mlore_pascal_tiny_seed0', 'swin_tiny_decoder_seed0',
+                                  'mtlora_tiny_seed0', 'mtlora_layers_qkv_fc2_seed6'])
+def test_round_trip_official_state_dicts(name):
+  """to_torch(from_torch(sd)) == sd for MLoRE, the Swin multi-task baseline and MTLoRA, less the
+  keys the families drop (BN counters; Swin's attn_mask, recomputed from the geometry)."""
+  import re  # pylint: disable=g-import-not-at-top
+  family, config = fixture_config(name)
+  sd = fixture_state_dict(name)
+  want = {k: v for k, v in sd.items() if not re.fullmatch(r'.*(num_batches_tracked|attn_mask)', k)}
+  assert_state_dicts_equal(family.to_torch(family.from_torch(sd, config), config), want)
+
+
+def test_round_trip_timm_vit():
+  config = smoke_config('unused')  # ViT patch 8, D 32, depth 2 at 24x32: a 3x4 grid
+  sd = timm_vit(np.random.default_rng(6))
+  sd['pos_embed'] = np.random.default_rng(7).standard_normal((1, 13, 32)).astype(np.float32)
+  want = {k: v for k, v in sd.items() if k not in ('cls_token', 'head.weight', 'head.bias')}
+  weights = vit_convert.from_torch(sd, config)
+  assert list(weights['params']) == ['backbone'] and not weights['batch_stats']
+  assert_state_dicts_equal(vit_convert.to_torch(weights, config), want)
+
+
+def test_round_trip_swin_imagenet(swin_t_imagenet):
+  import re  # pylint: disable=g-import-not-at-top
+  from mtl_jax.convert import mtlora  # pylint: disable=g-import-not-at-top
+  config = _swin_config('mtlora_pascal', '')
+  weights = mtlora.imagenet_from_torch(swin_t_imagenet, config)
+  want = {k: v for k, v in swin_t_imagenet.items()
+          if not re.fullmatch(r'.*attn_mask|norm\.(weight|bias)|head\..*', k)}
+  assert_state_dicts_equal(mtlora.imagenet_to_torch(weights, config), want)
+
+
+def _break_mtlora():
+  sd = fixture_state_dict('mtlora_tiny_seed0')
+  del sd['backbone.layers.1.blocks.0.attn.qkv.linear.bias']
+  sd['backbone.layers.0.blocks.0.attn.extra'] = np.zeros(3, np.float32)
+  sd['downsampler.sal.downsample_2.weight'] = np.zeros((5, 3, 1, 1), np.float32)
+  return (sd, fixture_config('mtlora_tiny_seed0')[1], 'mtlora',
+          'MTLoRA / Swin state dict -> config model',
+          'backbone.layers.1.blocks.0.attn.qkv.linear.bias',
+          'backbone.layers.0.blocks.0.attn.extra', 'downsampler.sal.downsample_2.weight')
+
+
+def _break_timm():
+  sd = timm_vit(np.random.default_rng(8))
+  del sd['blocks.0.mlp.fc2.bias']
+  sd['blocks.1.ls1.gamma'] = np.zeros(32, np.float32)
+  sd['norm.bias'] = np.zeros(31, np.float32)
+  return (sd, smoke_config('unused'), 'timm_vit', 'timm ViT -> config ViT',
+          'blocks.0.mlp.fc2.bias', 'blocks.1.ls1.gamma', 'norm.bias')
+
+
+@pytest.mark.parametrize('broken', [_break_timm, _break_mtlora])
+def test_one_error_format(broken):
+  """A missing, an unexpected and a mismatched key, all named in one one-line ConfigError of
+  the same format (keys.check) for two families."""
+  import re  # pylint: disable=g-import-not-at-top
+  sd, config, fmt, what, missing, unexpected, mismatched = broken()
+  with pytest.raises(ConfigError) as e:
+    convert.convert_state_dict(sd, fmt, config)
+  assert re.fullmatch(
+      rf'{re.escape(what)}: 1 missing \({re.escape(missing)}\); 1 unexpected '
+      rf'\({re.escape(unexpected)}\); 1 shape mismatches: got vs want \({re.escape(mismatched)} '
+      r'\([\d, ]+\) vs \([\d, ]+\)\); check --format and --config', str(e.value)), str(e.value)
+
+
+@pytest.mark.parametrize('name', ['mlore_pascal_tiny_seed0', 'mtlora_tiny_seed0'])
+def test_dataset_name_with_version(name, monkeypatch):
+  """`pascal_context:1.0.0` (a TFDS name with its version) in convert and parity."""
+  from mtl_jax.tools import parity  # pylint: disable=g-import-not-at-top
+  family, config = fixture_config(name)
+  sd = fixture_state_dict(name)
+  want = family.from_torch(sd, config)
+  config.dataset.name = 'pascal_context:1.0.0'
+  params, batch_stats, _ = convert.convert_state_dict(sd, config.model.name, config)
+  assert_tree_close(params, want['params'])
+  assert_tree_close(batch_stats, want['batch_stats'])
+  reference = family.config_from_reference
+
+  def versioned(base, sidecar):
+    out = reference(base, sidecar)
+    out.dataset.name = 'pascal_context:1.0.0'
+    return out
+
+  monkeypatch.setattr(family, 'config_from_reference', versioned)
+  arrays = dict(np.load(os.path.join(FIXTURES, f'{name}_slim.npz')))
+  with open(os.path.join(FIXTURES, f'{name}.json')) as f:
+    model, parity_config, got_family = parity.build_from_fixture(arrays, json.load(f))
+  assert got_family is family and parity_config.dataset.name == 'pascal_context:1.0.0'
+  assert sorted(model.heads) == sorted(config.tasks.split(','))

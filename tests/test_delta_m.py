@@ -1,4 +1,4 @@
-"""Δm (mtl_jax/tools/delta_m.py, specs/datasets_metrics.md §5.1) on published rows, workdirs and
+"""Δm (mtl_jax/tools/delta_m.py, docs/datasets_metrics.md §5.1) on published rows, workdirs and
 user-fork logs."""
 
 import json
@@ -8,7 +8,7 @@ import pytest
 
 from mtl_jax.tools import delta_m
 
-# specs/datasets_metrics.md §5.3 (MTLoRA paper, PASCAL-Context, Swin-T): semseg, parts, sal mIoU,
+# docs/datasets_metrics.md §5.3 (MTLoRA paper, PASCAL-Context, Swin-T): semseg, parts, sal mIoU,
 # normals mean; published Δm.
 MTLORA_R64 = {'semseg': 67.90, 'human_parts': 59.84, 'sal': 65.40, 'normals': 16.60}
 
@@ -50,7 +50,8 @@ def test_several_workdirs_give_csv_markdown_and_mean_std(tmp_path, capsys):
   best = [delta_m.delta_m({**MTLORA_R64, 'semseg': 67.90 + d}, delta_m.PRESETS[
       'mtlora_swin_t_pascal']) for d in (0.0, 0.2, -0.2)]
   csv_lines = open(out + '.csv').read().splitlines()
-  assert csv_lines[0] == 'run,step,semseg/miou,human_parts/miou,sal/miou,normals/mean,delta_m_percent'
+  assert csv_lines[0] == ('run,step,semseg/miou,human_parts/miou,sal/miou,normals/mean,'
+                          'delta_m_percent')
   assert len(csv_lines) == 2 + 3 * 3 + 2  # header, baseline, 3 runs x (2 steps + best), mean, std
   assert csv_lines[-2].endswith(repr(statistics.fmean(best)))
   assert csv_lines[-1].endswith(repr(statistics.stdev(best)))

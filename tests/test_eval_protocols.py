@@ -1,6 +1,6 @@
 """Evaluation protocols of mtl_jax/metrics.py (`make_metrics(..., protocol=)`,
 ``config.eval_protocol``): the key set of each, and numpy ports of the MTLoRA meters and of the
-corrected maxF written from specs/datasets_metrics.md §4.2-4.6 and specs/mtlora.md §9, on random
+corrected maxF written from docs/datasets_metrics.md §4.2-4.6 and docs/mtlora.md §9, on random
 predictions with ignore pixels (agreement 1e-6). The MLoRE meters: tests/test_metrics.py."""
 
 import jax
@@ -9,6 +9,7 @@ import pytest
 
 from mtl_jax import ConfigError
 from mtl_jax import metrics
+from mtl_jax.evaluators import metrics as metrics_evaluator
 from mtl_jax.tasks import get_tasks
 
 ALL = ('semseg', 'human_parts', 'sal', 'normals', 'depth', 'edge')
@@ -29,15 +30,13 @@ KEYS = {
 
 
 def _evaluate(tasks, batches, protocol, edge_w=0.95):
-  """The trainer's loop: jit per batch, widen and merge on the host, compute."""
+  """The 'metrics' evaluator's loop: jit per batch, accumulate on the host, compute."""
   cls = metrics.make_metrics(tasks, edge_w=edge_w, protocol=protocol)
   step = jax.jit(lambda p, b: cls.single_from_model_output(preds=p, batch=b))
-  widen = lambda x: np.asarray(x, np.int64 if np.issubdtype(np.asarray(x).dtype, np.integer)
-                               else np.float64)
-  total = cls.empty()
+  accumulator = metrics_evaluator.Accumulator(cls)
   for preds, batch in batches:
-    total = total.merge(jax.tree.map(widen, jax.device_get(step(preds, batch))))
-  return total.compute()
+    accumulator.add(step(preds, batch))
+  return accumulator.compute()
 
 
 def _random_batches(tasks, rng, sizes=(3, 2), h=9, w=11):

@@ -1,4 +1,4 @@
-"""Tests of mtl_jax/input_pipeline.py (specs/stack.md §2-3, specs/mlore.md §5.1)."""
+"""Tests of mtl_jax/input_pipeline.py (docs/stack.md §2-3, docs/mlore.md §5.1)."""
 
 import grain
 import ml_collections

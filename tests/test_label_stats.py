@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow_datasets as tfds
 
 from conftest import ROOT, launch_env, smoke_config
@@ -78,6 +79,7 @@ def test_compute_on_the_synthetic_dataset(tfds_dir):
   assert set(np.nonzero(stats['edge']['histogram'])[0]) == {0, 1}
 
 
+@pytest.mark.slow
 def test_cli(tfds_dir):
   out = subprocess.run(
       [sys.executable, '-m', 'mtl_jax.tools.label_stats',

@@ -1,5 +1,5 @@
 """Tests of mtl_jax/losses.py: golden parity with the official MLoRE criterion, numpy ports of the
-MTLoRA losses (specs/mtlora.md §8) and hand-computed values."""
+MTLoRA losses (docs/mtlora.md §8) and hand-computed values."""
 
 import json
 import math

@@ -1,16 +1,16 @@
 """Tests of mtl_jax/metrics.py: hand-computed cases, merge/padding/sharding invariances and numpy
-ports of the reference meters (specs/datasets_metrics.md §4, §6.1)."""
+ports of the reference meters (docs/datasets_metrics.md §4, §6.1)."""
 
 import dataclasses
 import math
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 import numpy as np
 import pytest
 
 from mtl_jax import metrics
+from mtl_jax.evaluators import metrics as metrics_evaluator
 from mtl_jax.tasks import get_tasks
 
 ALL = ('semseg', 'human_parts', 'sal', 'normals', 'depth', 'edge')
@@ -19,9 +19,7 @@ EDGE_W = 0.95
 
 def _widen(tree):
   """What the trainer does on the host: int leaves -> int64, float leaves -> float64."""
-  return jax.tree.map(lambda x: np.asarray(x, np.int64 if np.issubdtype(np.asarray(x).dtype,
-                                                                       np.integer) else np.float64),
-                      jax.device_get(tree))
+  return jax.tree.map(metrics_evaluator.widen, jax.device_get(tree))
 
 
 def _stats(cls, preds, batch):
@@ -29,12 +27,13 @@ def _stats(cls, preds, batch):
 
 
 def _evaluate(tasks, batches, edge_w=EDGE_W, protocol='mlore'):
-  """Trainer-style loop: jit per batch, merge on the host, compute, flatten."""
+  """The 'metrics' evaluator's loop: jit per batch, accumulate on the host, compute, flatten."""
   cls = metrics.make_metrics(tasks, edge_w=edge_w, protocol=protocol)
-  total = cls.empty()
+  accumulator = metrics_evaluator.Accumulator(cls)
+  step = jax.jit(lambda p, b: cls.single_from_model_output(preds=p, batch=b))
   for preds, batch in batches:
-    total = total.merge(_stats(cls, preds, batch))
-  return metrics.flatten(total.compute())
+    accumulator.add(step(preds, batch))
+  return metrics.flatten(accumulator.compute())
 
 
 def _example(b):

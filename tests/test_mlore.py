@@ -1,4 +1,4 @@
-"""MLoRE (mtl_jax/models/mlore.py) against the official PyTorch code, specs/mlore.md §3, §4, §10.
+"""MLoRE (mtl_jax/models/mlore.py) against the official PyTorch code, docs/mlore.md §3, §4, §10.
 
 The golden arrays come from tests/fixtures/mlore_pascal_tiny_seed0_slim.npz (a slim extract of
 the official fixture, see tests/fixtures/make_slim.py): every parameter, the eval-mode outputs
@@ -23,6 +23,7 @@ from configs import common
 from mtl_jax import ConfigError
 from mtl_jax import losses
 from mtl_jax import tasks as tasks_lib
+from mtl_jax.convert import mlore as mlore_convert
 from mtl_jax.models import mlore
 from mtl_jax.tools import parity
 
@@ -51,7 +52,7 @@ def fixture():
 def reference(fixture):
   """Every array the parity tool compares, cropped like the slim file."""
   arrays, _, model, config = fixture
-  got = mlore.reference_arrays(model, arrays['input'], config)
+  got = mlore_convert.reference_arrays(model, arrays['input'], config)
   for pattern, index in _slim_crops().items():
     got.update({k: v[index] for k, v in got.items() if re.fullmatch(pattern, k)})
   return got
@@ -120,6 +121,7 @@ def test_reparameterised_block_is_one_dense_conv_per_sample_and_task(fixture):
 
 # -- losses and gradients ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_losses_and_gradients_match_official(fixture):
   """The trainer's loss (eval mode, incl. L_cv) and d total / d params against grad/* (§10)."""
   arrays, _, model, config = fixture
@@ -146,7 +148,7 @@ def test_losses_and_gradients_match_official(fixture):
   np.testing.assert_allclose(per_task['load_balancing'], arrays['loss/cv'], rtol=1e-5)
   np.testing.assert_allclose(total, arrays['loss/total'], rtol=1e-5)
 
-  got = mlore.params_to_torch({'params': grads}, config)
+  got = mlore_convert.to_torch({'params': grads}, config)
   checked = []
   for key in (k[len('grad/'):] for k in arrays if k.startswith('grad/')):
     want = arrays['grad/' + key]
@@ -170,12 +172,12 @@ def test_losses_and_gradients_match_official(fixture):
 def test_params_round_trip_through_official_layout(fixture):
   arrays, sidecar, _, config = fixture
   state_dict = {k[len('param/'):]: v for k, v in arrays.items() if k.startswith('param/')}
-  weights = mlore.params_from_torch({'module.' + k: v for k, v in state_dict.items()}, config)
-  back = mlore.params_to_torch(weights, config)
+  weights = mlore_convert.from_torch({'module.' + k: v for k, v in state_dict.items()}, config)
+  back = mlore_convert.to_torch(weights, config)
   assert set(back) == {k for k in state_dict if not k.endswith('num_batches_tracked')}
   for key, value in back.items():
     np.testing.assert_array_equal(value, state_dict[key], err_msg=key)
-  assert back.keys() == mlore.torch_state_dict_shapes(config).keys()
+  assert back.keys() == mlore_convert.torch_state_dict_shapes(config).keys()
   n_params = sum(v.size for v in jax.tree.leaves(weights['params']))
   assert n_params == sidecar['n_params'] == 1_013_518
 
@@ -255,7 +257,7 @@ def test_router_noise_only_in_training(fixture):
 # -- fixtures of any official config (NYUD task set, h != w, pre_softmax True) ---------------------
 
 def _nyud_sidecar(**overrides):
-  """A sidecar like the official NYUD tiny fixture's (specs/mlore.md §10)."""
+  """A sidecar like the official NYUD tiny fixture's (docs/mlore.md §10)."""
   rc = dict(patch_size=16, embed_dim=48, depth=8, num_heads=3, select_list=[2, 4, 6],
             final_embed_dim=32, rank_list=list(range(2, 17)), spe_rank=8, topk=9,
             drop_path_rate=0.15, batch=2, img_size=[96, 128], pre_softmax=True, edge_w=0.88,
@@ -269,45 +271,46 @@ def _nyud_sidecar(**overrides):
 
 
 def test_config_from_reference_nyud_h_ne_w():
-  config = mlore.config_from_reference(common.get_config(), _nyud_sidecar())
+  config = mlore_convert.config_from_reference(common.get_config(), _nyud_sidecar())
   assert config.dataset.name == 'nyud_v2' and config.tasks == 'semseg,depth,normals,edge'
   assert tuple(config.input.crop_size) == (96, 128) and config.model.mlore.pre_softmax
   assert config.load_balancing_weight == 5e-4 and config.edge_w == 0.88
   assert config.loss_weights.depth == 1.0 and config.loss_weights.edge == 50.0
   # spec §10: the NYUD tiny reference model has 951,509 parameters; grid 6 x 8 -> 48 positions
-  shapes = mlore.torch_state_dict_shapes(config)
+  shapes = mlore_convert.torch_state_dict_shapes(config)
   assert shapes['backbone.pos_embed'] == (1, 49, 48)
   assert shapes['backbone.MLoRE_2.3.router_1.edge.0.convsp.weight'] == (1, 48)
   assert sum(math.prod(s) for k, s in shapes.items() if 'running_' not in k) == 951_509
   # A missing pre_softmax (the shipped ViT-S yml) means the dataset's value; PASCAL's is False.
-  config = mlore.config_from_reference(common.get_config(), _nyud_sidecar(pre_softmax=None))
+  config = mlore_convert.config_from_reference(common.get_config(), _nyud_sidecar(pre_softmax=None))
   assert config.model.mlore.pre_softmax
   with pytest.raises(ConfigError, match='not one of pascal, nyud'):
-    mlore.config_from_reference(common.get_config(), {**_nyud_sidecar(), 'dataset': 'cityscapes',
-                                                      'db_name': 'Cityscapes'})
+    mlore_convert.config_from_reference(
+        common.get_config(), {**_nyud_sidecar(), 'dataset': 'cityscapes', 'db_name': 'Cityscapes'})
   bad = _nyud_sidecar()
   bad['num_output']['semseg'] = 41
   with pytest.raises(ConfigError, match="task 'semseg' has 41 outputs"):
-    mlore.config_from_reference(common.get_config(), bad)
+    mlore_convert.config_from_reference(common.get_config(), bad)
   with pytest.raises(ConfigError, match=r'grid \[6, 6\] does not match'):
-    mlore.config_from_reference(common.get_config(), _nyud_sidecar(grid=[6, 6]))
+    mlore_convert.config_from_reference(common.get_config(), _nyud_sidecar(grid=[6, 6]))
 
 
+@pytest.mark.slow
 def test_parity_cli_reads_nyud_fixture(tmp_path, capsys):
   """A fixture in the official NYUD format (h != w, pre_softmax True, BN counters among the
   params) goes through the CLI: every array in torch layout, and only a corrupted one fails.
-  (Real NYUD fixtures of the official code: run the CLI on them, specs/mlore.md §10.)"""
+  (Real NYUD fixtures of the official code: run the CLI on them, docs/mlore.md §10.)"""
   sidecar = _nyud_sidecar(depth=4, select_list=[1, 2, 3], rank_list=[2, 3, 4, 5, 6], topk=3,
                           embed_dim=24)
-  config = mlore.config_from_reference(common.get_config(), sidecar)
+  config = mlore_convert.config_from_reference(common.get_config(), sidecar)
   rng = np.random.default_rng(3)
   arrays = {f'param/{k}': (rng.standard_normal(s) / math.sqrt(math.prod(s[1:]) or 1)).astype(
-      np.float32) for k, s in mlore.torch_state_dict_shapes(config).items()}
+      np.float32) for k, s in mlore_convert.torch_state_dict_shapes(config).items()}
   arrays.update({k: np.abs(v) + 0.5 for k, v in arrays.items() if k.endswith('running_var')})
   arrays['param/backbone.MLoRE_1.0.bn.depth.num_batches_tracked'] = np.array(3, np.int64)
   arrays['input'] = rng.standard_normal((2, 3, 96, 128)).astype(np.float32)
   model, config, _ = parity.build_from_fixture(arrays, sidecar)
-  golden = mlore.reference_arrays(model, arrays['input'], config)
+  golden = mlore_convert.reference_arrays(model, arrays['input'], config)
   assert golden['out/semseg'].shape == (2, 40, 96, 128)
   assert golden['feat/3'].shape == (2, 48, 24) and golden['fuse/0'].shape == (2, 32, 6, 8)
   assert golden['stage_logits/depth'].shape == (2, 4, 6, 8)

@@ -1,5 +1,5 @@
 """The MLoRE experiment configs (configs/mlore_{pascal,nyud}.py): recipe, exact parameter counts
-(specs/mlore.md §7) and a smoke run of each through the trainer."""
+(docs/mlore.md §7) and a smoke run of each through the trainer."""
 
 import jax
 import numpy as np
@@ -13,7 +13,7 @@ from mtl_jax import train
 from mtl_jax.tools import params
 
 
-# specs/state_dicts/mlore_param_counts.json (`model.parameters()`); ViT-B without the 26,661,804
+# docs/mlore.md §7 (`model.parameters()` of the official models); ViT-B without the 26,661,804
 # parameters of aux_heads / q_fuse / classify_route that its forward never uses (§3.5).
 @pytest.mark.parametrize('module, arg, expected', [
     (mlore_pascal, None, 407_690_406),
@@ -40,7 +40,7 @@ def test_vit_s_param_groups():
     ('L', 452, (16, 24, 32, 40, 48, 56, 64, 72, 80, 88, 96, 104, 112, 120, 128), 72, 0.925, 3e-4),
 ])
 def test_pascal_recipe(vit, channels, ranks, spe_rank, edge_w, lb):
-  """specs/mlore.md §1 table and §4-5, written out by hand."""
+  """docs/mlore.md §1 table and §4-5, written out by hand."""
   c = mlore_pascal.get_config(f'vit={vit}')
   assert c.model.backbone.variant == f'{vit}/16' and c.model.backbone.drop_path_rate == 0.15
   assert dict(c.model.mlore) == dict(channels=channels, rank_list=ranks, spe_rank=spe_rank,
@@ -89,6 +89,7 @@ def test_bad_vit_arg():
     mlore_pascal.get_config('vit=H')
 
 
+@pytest.mark.slow
 def test_smoke_config_trains(tfds_dir, tmp_path):
   """`smoke` runs two train steps (batch 4 on 2 devices) and an eval end to end, with the
   load-balancing loss. (mlore_nyud's smoke differs only in the task set; compiling MLoRE is the

@@ -12,6 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import FIXTURES
 from mtl_jax import tasks as tasks_lib
+from mtl_jax.convert import vit as vit_convert
 from mtl_jax.models import build_model, layers, multitask, vit
 
 VIT_FIXTURE = os.path.join(FIXTURES, 'mlore_pascal_tiny_seed0_vit.npz')
@@ -43,7 +44,8 @@ def _torch_batchnorm_train(x, gamma, beta, mean, var, eps=1e-5, momentum=0.1):
   bm = x.mean(axis=(0, 1, 2))
   bv = x.var(axis=(0, 1, 2))
   y = (x - bm) / np.sqrt(bv + eps) * gamma + beta
-  return y, (1 - momentum) * mean + momentum * bm, (1 - momentum) * var + momentum * bv * n / (n - 1)
+  running_var = (1 - momentum) * var + momentum * bv * n / (n - 1)
+  return y, (1 - momentum) * mean + momentum * bm, running_var
 
 
 def _tiny_config(crop_size=(32, 48), dtype='float32'):
@@ -69,7 +71,7 @@ def _modules(model, kind):
 
 
 # ------------------------------------------------------------------------------------------------
-# ViT (specs/mlore.md §2)
+# ViT (docs/mlore.md §2)
 
 def test_vit_matches_official_mlore_vit():
   data = np.load(VIT_FIXTURE)
@@ -77,7 +79,7 @@ def test_vit_matches_official_mlore_vit():
   model = vit.ViT((96, 96), **vit.VARIANTS['tiny/16'], rngs=nnx.Rngs(0))
   model.eval()
   params = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(params, vit.vit_params_from_torch(state_dict))
+  nnx.replace_by_pure_dict(params, vit_convert.backbone_from_torch(state_dict))
   nnx.update(model, params)
   feats = _forward(model, jnp.asarray(data['input'].transpose(0, 2, 3, 1)))  # NCHW -> NHWC
   assert len(feats) == 4
@@ -94,13 +96,13 @@ def test_vit_params_from_torch_errors_name_the_key():
   broken = dict(state_dict)
   del broken['backbone.blocks.3.mlp.fc1.bias']
   with pytest.raises(KeyError, match=r'backbone\.blocks\.3\.mlp\.fc1\.bias'):
-    vit.vit_params_from_torch(broken)
+    vit_convert.backbone_from_torch(broken)
   broken = dict(state_dict)
   broken['backbone.blocks.5.attn.qkv.weight'] = np.zeros((48, 48), np.float32)
   with pytest.raises(ValueError, match=r'backbone\.blocks\.5\.attn\.qkv\.weight'):
-    vit.vit_params_from_torch(broken)
+    vit_convert.backbone_from_torch(broken)
   with pytest.raises(KeyError, match='module.backbone.patch_embed'):
-    vit.vit_params_from_torch(state_dict, prefix='module.backbone.')
+    vit_convert.backbone_from_torch(state_dict, prefix='module.backbone.')
 
 
 @pytest.mark.parametrize('variant,img_size,expected', [

@@ -1,5 +1,5 @@
 """MTLoRA (issue 5): MTLoRALinear against hand-computed values, the LoRA placement, parity with
-the official model, the parameter-count table of specs/mtlora.md §5, the recipe's schedule, and
+the official model, the parameter-count table of docs/mtlora.md §5, the recipe's schedule, and
 the declarative trainable sets through the real trainer (frozen leaves never move).
 
 The parity test reads the slim extract of fixtures/mtlora_tiny_seed0 (tests/fixtures/
@@ -28,7 +28,7 @@ from test_swin import parity_rows
 from test_swin import train_three_steps
 
 
-# -- MTLoRALinear (specs/mtlora.md §2) -------------------------------------------------------------
+# -- MTLoRALinear (docs/mtlora.md §2) -------------------------------------------------------------
 
 def _set(param, value):
   param.value = jnp.asarray(value, jnp.float32)
@@ -92,10 +92,10 @@ def test_mtlora_linear_init_and_rank_zero():
   assert plain(x)[1] == {} and not hasattr(plain, 'lora_shared_A')
 
 
-# -- placement (specs/mtlora.md §2.1) --------------------------------------------------------------
+# -- placement (docs/mtlora.md §2.1) --------------------------------------------------------------
 
 def _lora_paths(config):
-  tasks = tasks_lib.get_tasks(config.tasks, train.dataset_kind(config), config.convention)
+  tasks = tasks_lib.config_tasks(config)
   model = nnx.eval_shape(lambda: models.build_model(config, tasks, rngs=nnx.Rngs(0)))
   return {'/'.join(map(str, p)) for p, v in nnx.iter_graph(model)
           if isinstance(v, nnx.Param) and 'lora_' in '/'.join(map(str, p))}
@@ -141,7 +141,7 @@ def test_parity_lora_layer_subset_with_official_model():
                                                                  'normals'))]
 
 
-# -- parameter counts (specs/mtlora.md §5) ---------------------------------------------------------
+# -- parameter counts (docs/mtlora.md §5) ---------------------------------------------------------
 
 @pytest.mark.parametrize('module, arg, total, trainable', [
     (mtlora_pascal, None, 34_262_906, 8_344_634),  # mtlora_tiny_448_r64_scale4_pertask
@@ -179,7 +179,7 @@ def test_trainable_recipes():
 
 
 def test_recipe_schedule_and_optimizer():
-  """specs/mtlora.md §8 at batch 32: lr 5e-4 * 32 / 512 after 20 warmup epochs from 5e-7 *
+  """docs/mtlora.md §8 at batch 32: lr 5e-4 * 32 / 512 after 20 warmup epochs from 5e-7 *
   32 / 512, cosine to 5e-6 * 32 / 512 at epoch 300; AdamW wd 0.05, no decay on 1-D leaves."""
   config = mtlora_pascal.get_config()
   assert (config.total_steps, config.schedule.warmup_steps) == (156 * 300, 156 * 20)
@@ -197,6 +197,7 @@ def test_recipe_schedule_and_optimizer():
 
 # -- trainable sets in training --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_mtlora_pascal_smoke_recipe_freezes_exactly_the_base_linears(tfds_dir, tmp_path):
   config = mtlora_pascal.get_config('smoke')
   frozen = train.frozen_filter(config.frozen)
@@ -211,6 +212,7 @@ def test_mtlora_pascal_smoke_recipe_freezes_exactly_the_base_linears(tfds_dir, t
   train_three_steps(config, tfds_dir, tmp_path)
 
 
+@pytest.mark.slow
 def test_mtlora_nyud_plus_stage1_smoke_keeps_ts_lora_bit_identical(tfds_dir, tmp_path):
   """MTLoRA+ on the NYUD smoke config with the user's stage-1 recipe (TS-LoRA frozen); two of
   the four tasks keep the test short."""

@@ -10,6 +10,7 @@ import re
 import subprocess
 
 import portpicker
+import pytest
 
 from conftest import ROOT, launch_args, launch_env
 from mtl_jax import reporting
@@ -29,6 +30,7 @@ def _run_two_processes(workdir, tfds_dir, total_steps):
   return logs
 
 
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_and_resume(tfds_dir, tmp_path):
   logs = _run_two_processes(tmp_path, tfds_dir, total_steps=6)
   for i, log in enumerate(logs):

@@ -1,6 +1,6 @@
 """Tests of the NYUD-v2 builder (data_builders/nyud_v2), every config, on fake downloads.
 
-The fakes (tests/fakes.py) reproduce the on-disk formats of specs/datasets_metrics.md §2 and
+The fakes (tests/fakes.py) reproduce the on-disk formats of docs/datasets_metrics.md §2 and
 §6.2; the expected labels are written out by hand from the patterns they draw.
 """
 
@@ -51,6 +51,7 @@ def test_shipped_split_and_class_mapping():
   assert (lut[1], lut[4], lut[11]) == (39, 21, 1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('config', ['invpt', 'nyud_mt', 'nyud_mt_mm'])
 def test_folder_layouts(built, config):
   for split, ids in (('train', fakes.NYUD_TRAIN), ('validation', fakes.NYUD_VAL)):
@@ -82,6 +83,7 @@ def test_folder_layouts(built, config):
     np.testing.assert_array_equal(ex['image'], fakes.pil_rgb(jpeg))
 
 
+@pytest.mark.slow
 def test_labeled_mat(built):
   examples = {ex['id'].decode(): ex for split in ('train', 'validation')
               for ex in _read('labeled_mat', built, split)}

@@ -1,6 +1,5 @@
 """Optimizers and schedules against numpy ports of the torch / timm update rules."""
 
-import ml_collections
 import numpy as np
 import optax
 import pytest

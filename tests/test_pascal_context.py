@@ -1,6 +1,6 @@
 """Tests of the PASCAL-Context builder (data_builders/pascal_context) on the fake download.
 
-The fake (tests/fakes.py) reproduces the on-disk formats of specs/datasets_metrics.md §6.2; the
+The fake (tests/fakes.py) reproduces the on-disk formats of docs/datasets_metrics.md §6.2; the
 expected labels below are written out by hand from the patterns it draws (§1.2 decoding).
 """
 
@@ -25,7 +25,7 @@ from mtl_jax import tasks as tasks_lib
 from mtl_jax import transforms
 import fakes
 
-# specs/datasets_metrics.md Appendix A, copied by hand.
+# docs/datasets_metrics.md Appendix A, copied by hand.
 APPENDIX_A = """
 3 4 6 9 10 11 13 15 17 18 22 23 29 30 33 34 36 37 38 39 41 43 46 49 50 51 53 55 56 59 61 62 65 66 68
 69 72 73 78 83 84 85 87 88 95 96 101 104 105 107 111 113 115 122 124 135 141 142 143 146 150 154 157
@@ -69,6 +69,7 @@ def test_shipped_class_lists_and_subset():
   assert pc.TEST_NEW_IDS[:2] == ('2008_000003', '2008_000007')
 
 
+@pytest.mark.slow
 def test_splits_ids_and_features(data_dir):
   for split, ids in (('train', fakes.PASCAL_TRAIN), ('validation', fakes.PASCAL_VAL),
                      ('test_new', ('2008_000003', '2008_000007'))):  # val ids in test_new.txt
@@ -82,6 +83,7 @@ def test_splits_ids_and_features(data_dir):
   assert {k: (v.shape, v.dtype) for k, v in ex.items() if k != 'id'} == expected
 
 
+@pytest.mark.slow
 def test_image_is_the_jpeg_as_pil_reads_it(data_dir, examples):
   for image_id, ex in examples.items():
     jpeg = data_dir.parent / 'manual' / 'PASCALContext' / 'JPEGImages' / f'{image_id}.jpg'
@@ -90,6 +92,7 @@ def test_image_is_the_jpeg_as_pil_reads_it(data_dir, examples):
     assert np.abs(ex['image'].astype(int) - fakes.gradient_image(h, w)).mean() < 2
 
 
+@pytest.mark.slow
 def test_semseg_prefers_voc12(examples):
   a, b = (5, 6), (20, 20)  # a pixel of rectangle A, of rectangle B
   for image_id in ('2008_000008', '2008_000003'):  # VOC12 palette PNG present
@@ -99,6 +102,7 @@ def test_semseg_prefers_voc12(examples):
   assert examples['2008_000019']['semseg'][0, 0] == 0
 
 
+@pytest.mark.slow
 def test_human_parts_grouping_and_overwrites(examples):
   expected = np.zeros((37, 53), np.uint8)
   expected[2:8, 30:36] = 1  # head
@@ -122,6 +126,7 @@ def test_human_parts_grouping_and_overwrites(examples):
     assert np.all(sample['human_parts'] == 255)
 
 
+@pytest.mark.slow
 def test_saliency_threshold(examples):
   sal = examples['2008_000008']['sal'][..., 0]
   assert sal.shape == (37, 53) and set(np.unique(sal)) == {0, 1}
@@ -129,6 +134,7 @@ def test_saliency_threshold(examples):
   np.testing.assert_array_equal(sal[:, 6:], 1)  # raw 128 and 255
 
 
+@pytest.mark.slow
 def test_normals_masked_to_valid_classes(examples):
   n = examples['2008_000003']['normals']
   valid = np.array([1 / 255, -1.0, 1.0], np.float32)  # 2 v / 255 - 1 of (128, 0, 255)
@@ -141,6 +147,7 @@ def test_normals_masked_to_valid_classes(examples):
   np.testing.assert_array_equal(sample['normals'][20, 20], 255)  # masked out -> ignore
 
 
+@pytest.mark.slow
 def test_edges_laplacian_then_thin(examples):
   label_map = fakes.pascal_label_map(37, 53)
   np.testing.assert_array_equal(examples['2008_000008']['label_map'], label_map)
@@ -158,6 +165,7 @@ def test_edges_laplacian_then_thin(examples):
   assert not edge[18:24, 17:24].any() and not edge[14:16].any()
 
 
+@pytest.mark.slow
 def test_build_from_archive_and_split_warnings(tmp_path, examples, caplog):
   folder = fakes.write_pascal_context(tmp_path / 'tree', folder='PASCAL_MT')
   (tmp_path / 'manual').mkdir()
@@ -217,6 +225,7 @@ def test_not_built_error_names_the_build_command(tmp_path):
 
 @pytest.mark.parametrize('config_file, builder', [('mlore_pascal.py', 'pascal_context'),
                                                   ('mlore_nyud.py', 'nyud_v2')])
+@pytest.mark.slow
 def test_launch_without_the_dataset_prints_the_build_command(tmp_path, config_file, builder):
   """The user's main job before the data is built: one error line with the exact build command."""
   proc = subprocess.run(

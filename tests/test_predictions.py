@@ -1,4 +1,4 @@
-"""Per-example evaluation options of mtl_jax/train.py: predictions export
+"""Per-example evaluators (mtl_jax/evaluators): predictions export
 (``config.save_predictions``, the references' saved layout) and boundary odsF
 (``config.eval_boundary``), on the synthetic `tiny` dataset (24x32 images, 4 validation)."""
 
@@ -13,6 +13,8 @@ from mtl_jax import input_pipeline
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import train
 from mtl_jax import transforms
+from mtl_jax.evaluators import boundary as boundary_evaluator
+from mtl_jax.evaluators import predictions
 from mtl_jax.tools import eval_boundary
 
 ORIGINAL = (24, 32)
@@ -70,13 +72,14 @@ def test_to_original_size_inverts_the_eval_padding():
   for crop in ((5, 7), (8, 8), (6, 10)):
     padded = transforms.pad(sample, crop, tasks)
     for key, value in sample.items():
-      np.testing.assert_array_equal(train.to_original_size(padded[key], (5, 7), 'mlore'), value)
+      np.testing.assert_array_equal(
+          predictions.to_original_size(padded[key], (5, 7), 'mlore'), value)
 
 
 def test_to_original_size_resizes_back_for_mtlora():
   logits = np.zeros((8, 8, 1), np.float32)
   logits[:, 4:] = 1.0
-  out = train.to_original_size(logits, (6, 12), 'mtlora')
+  out = predictions.to_original_size(logits, (6, 12), 'mtlora')
   assert out.shape == (6, 12, 1)
   np.testing.assert_array_equal(out[:, :5, 0], 0.0)
   np.testing.assert_array_equal(out[:, 7:, 0], 1.0)
@@ -86,13 +89,14 @@ def test_encode_prediction_follows_the_reference_savers():
   tasks = tasks_lib.get_tasks(['semseg', 'sal', 'normals', 'edge', 'depth'], 'synthetic_scenes')
   semseg = np.zeros((1, 2, 7), np.float32)
   semseg[0, 0, 3], semseg[0, 1, 6] = 1, 1
-  enc = lambda name, x, convention='mlore': train.encode_prediction(tasks[name], x, convention)
+  enc = lambda name, x, convention='mlore': predictions.encode_prediction(tasks[name], x,
+                                                                         convention)
   np.testing.assert_array_equal(enc('semseg', semseg), [[3, 6]])
   sal = np.array([[[0.0, 0.0], [0.0, np.log(3.0)]]], np.float32)  # softmax[1] = 0.5, 0.75
   np.testing.assert_array_equal(enc('sal', sal), [[127, 191]])
   sigmoid_task = tasks_lib.get_tasks(['sal'], 'synthetic_scenes', 'mtlora')['sal']
   np.testing.assert_array_equal(
-      train.encode_prediction(sigmoid_task, sal[..., 1:], 'mtlora'), [[127, 191]])
+      predictions.encode_prediction(sigmoid_task, sal[..., 1:], 'mtlora'), [[127, 191]])
   normals = np.array([[[0, 0, 2], [-3, 0, 0]]], np.float32)
   np.testing.assert_array_equal(enc('normals', normals), [[[127, 127, 255], [0, 127, 127]]])
   edge = np.array([[[-30.0], [0.0], [3.0]]], np.float32)  # 255 sigmoid: 0, 127.5, 242.9
@@ -106,7 +110,7 @@ def test_encode_prediction_follows_the_reference_savers():
 def test_boundary_counts_are_summed_exactly_over_hosts(monkeypatch):
   """Counts travel as int32 halves through process_allgather; sums beyond 2^31 stay exact."""
   counts = np.array([[3 * 2 ** 31 + 5, 7], [0, 2 ** 24 - 1]], np.int64)
-  monkeypatch.setattr(train.jax, 'process_count', lambda: 3)
-  monkeypatch.setattr(train.multihost_utils, 'process_allgather',
+  monkeypatch.setattr(boundary_evaluator.jax, 'process_count', lambda: 3)
+  monkeypatch.setattr(boundary_evaluator.multihost_utils, 'process_allgather',
                       lambda x: np.stack([x, x, x]) if x.dtype == np.int32 else None)
-  np.testing.assert_array_equal(train._sum_over_hosts(counts), 3 * counts)
+  np.testing.assert_array_equal(boundary_evaluator.sum_over_hosts(counts), 3 * counts)

@@ -1,4 +1,4 @@
-"""Swin backbone and the Swin multi-task baselines (issue 5; specs/mtlora.md §1, §3, §5).
+"""Swin backbone and the Swin multi-task baselines (issue 5; docs/mtlora.md §1, §3, §5).
 
 Window geometry against hand-computed values, parity of Swin + HRNet decoders with the official
 model (slim extract of fixtures/swin_tiny_decoder_seed0), and the smoke configs of
@@ -22,13 +22,13 @@ from mtl_jax import input_pipeline
 from mtl_jax import reporting
 from mtl_jax import sharding
 from mtl_jax import train
-from mtl_jax.models import mtlora
+from mtl_jax.convert import mtlora
 from mtl_jax.models import swin
 from mtl_jax.tools import params
 from mtl_jax.tools import parity
 
 
-# -- window geometry (specs/mtlora.md §1.3) --------------------------------------------------------
+# -- window geometry (docs/mtlora.md §1.3) --------------------------------------------------------
 
 def test_window_partition_is_row_major_and_reversible():
   x = np.arange(2 * 4 * 6 * 3, dtype=np.float32).reshape(2, 4, 6, 3)
@@ -110,7 +110,7 @@ def parity_rows(name: str):
 
 
 def test_freeze_backbone_trains_only_the_decoders():
-  """specs/mtlora.md §3, §5: 1,946,624 decoder parameters of the 29,464,442."""
+  """docs/mtlora.md §3, §5: 1,946,624 decoder parameters of the 29,464,442."""
   counts = params.count(swin_pascal.get_config('recipe=freeze_backbone'))
   assert counts['<all>'] == {'total': 29_464_442, 'trainable': 1_946_624}
   assert counts['backbone']['trainable'] == 0
@@ -148,12 +148,14 @@ def train_three_steps(config, tfds_dir, tmp_path) -> None:
   assert sum(opt_sizes) == 2 * counts['trainable']
 
 
+@pytest.mark.slow
 def test_swin_nyud_smoke_decoder_only_keeps_backbone_bit_identical(tfds_dir, tmp_path):
   config = swin_nyud.get_config('smoke,recipe=freeze_backbone')
   assert config.frozen == (r'^backbone/',)
   train_three_steps(config, tfds_dir, tmp_path)
 
 
+@pytest.mark.slow
 def test_swin_pascal_smoke_runs_end_to_end(tfds_dir, tmp_path):
   """launch.py's loop (train, eval, checkpoint) on the full fine-tuning smoke config."""
   config = swin_pascal.get_config('smoke')

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import data_builders.synthetic_scenes  # pylint: disable=unused-import  (registers the builder)
 from data_builders.synthetic_scenes import render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -212,6 +211,7 @@ _NO_TF_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_build_and_read_without_tensorflow_is_bit_identical(tiny_dir, tmp_path):
   result = subprocess.run([sys.executable, '-c', _NO_TF_SCRIPT, str(tmp_path)], cwd=ROOT,
                           env={**os.environ, 'PYTHONPATH': ROOT}, capture_output=True, text=True,
@@ -227,6 +227,7 @@ def test_build_and_read_without_tensorflow_is_bit_identical(tiny_dir, tmp_path):
         np.testing.assert_array_equal(ours[i][name], theirs[i][name], err_msg=f'{split} {i}')
 
 
+@pytest.mark.slow
 def test_tfds_build_command(tmp_path):
   """`python -m data_builders.build` (TFDS's `tfds build`) writes array_record by default."""
   subprocess.run([sys.executable, '-m', 'data_builders.build', 'data_builders/synthetic_scenes',

@@ -9,7 +9,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -31,6 +30,7 @@ CI_MAIN_METRICS = {'semseg/miou': 1, 'human_parts/miou': 1, 'sal/maxf': 1, 'norm
                    'depth/rmse': -1, 'edge/loss': -1}
 
 
+@pytest.mark.slow
 def test_shortened_demo_learns_every_task(tfds_dir, tmp_path):
   """configs/demo.py shrunk to the 32x40 `ci` split: the final eval beats step 0 on every task."""
   c = demo.get_config()
@@ -82,6 +82,7 @@ def _train_losses(workdir) -> dict[int, float]:
   return {l['step']: l['train/loss'] for l in reporting.read_metrics(workdir) if 'train/loss' in l}
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(tfds_dir, tmp_path):
   """Kill -9 after a checkpoint, rerun the same command: the later losses equal an uninterrupted
   run's bit for bit. Runs from tmp_path with relative workdirs, as `--workdir=runs/demo` would."""
@@ -116,6 +117,7 @@ def test_resume_after_sigkill_is_bit_exact(tfds_dir, tmp_path):
 
 # -- sharding --------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_step_on_8_devices_equals_1_device(tfds_dir, tmp_path):
   """Two train steps on an 8-device mesh and on 1 device: the same losses to 1e-5.
 
@@ -144,6 +146,7 @@ def test_step_on_8_devices_equals_1_device(tfds_dir, tmp_path):
 
 # -- bad input -------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize('case', ['not_built', 'no_data_dir', 'unknown_task', 'unknown_key'])
 def test_bad_input_is_one_clear_error_line(case, tfds_dir, tmp_path):
   empty = tmp_path / 'empty_tfds'
@@ -179,6 +182,7 @@ def assert_same_arrays(tree, want):
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+@pytest.mark.slow
 def test_init_from_and_eval_mode(tfds_dir, tmp_path):
   config = smoke_config(tfds_dir)
   trained = tmp_path / 'trained'

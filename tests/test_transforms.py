@@ -1,4 +1,4 @@
-"""Tests of mtl_jax/transforms.py (specs/mlore.md §5.1, specs/datasets_metrics.md §3.1)."""
+"""Tests of mtl_jax/transforms.py (docs/mlore.md §5.1, docs/datasets_metrics.md §3.1)."""
 
 import cv2
 import numpy as np
@@ -268,7 +268,7 @@ def test_dummy_example_is_all_ignore():
 
 
 # ------------------------------------------------------------------------------------------------
-# MTLoRA chain (specs/mtlora.md §8, specs/datasets_metrics.md §3.2).
+# MTLoRA chain (docs/mtlora.md §8, docs/datasets_metrics.md §3.2).
 
 def test_scale_and_rotate_90_degrees_is_rot90_moved_by_one_pixel():
   labels = (np.arange(36, dtype=np.uint8) + 1).reshape(6, 6, 1)

@@ -1,4 +1,4 @@
-"""TFDS builder of NYUD-v2 multi-task, from three sources (specs/datasets_metrics.md §2, §6.2).
+"""TFDS builder of NYUD-v2 multi-task, from three sources (docs/datasets_metrics.md §2, §6.2).
 
 Builder configs (one per on-disk source, all read from `--manual_dir`):
 
@@ -6,7 +6,7 @@ Builder configs (one per on-disk source, all read from `--manual_dir`):
   normals and edges, depth .npy in metres.
 * ``nyud_mt``: MTI-Net's `NYUD_MT.tgz` (ATRC / MTLoRA / the user's fork), §2.2: JPEG images,
   normals and edges as .npy. Also reads trees written by the fork's `prepare_nyudv2.py`
-  (specs/user_fork.md §6) when their depth is in metres; ``nyud_mt_mm`` reads the same layout
+  (docs/user_fork.md §6) when their depth is in metres; ``nyud_mt_mm`` reads the same layout
   with depth in millimetres (x 0.001).
 * ``labeled_mat``: the official `nyu_depth_v2_labeled.mat` (1449 frames, 480x640), §2.3:
   NYU-40 semseg from the 894-class labels, depth in metres, edges from label/instance
@@ -242,7 +242,7 @@ See data_builders/nyud_v2/README.md."""
         builder=self,
         description=('NYUD-v2 multi-task (795 train / 654 validation frames): NYU-40 semantic '
                      'segmentation, depth, surface normals and boundaries. Decoding: '
-                     'specs/datasets_metrics.md §2 and data_builders/nyud_v2/README.md.'),
+                     'docs/datasets_metrics.md §2 and data_builders/nyud_v2/README.md.'),
         features=tfds.features.FeaturesDict(specs),
         homepage='https://cs.nyu.edu/~silberman/datasets/nyu_depth_v2.html',
         disable_shuffling=True,  # record i of a split is the i-th id of its split

@@ -1,8 +1,8 @@
-"""TFDS builder of PASCAL-Context multi-task (specs/datasets_metrics.md §1, §6.2).
+"""TFDS builder of PASCAL-Context multi-task (docs/datasets_metrics.md §1, §6.2).
 
 Reads the archive that MLoRE / InvPT / ATRC / MTI-Net / MTLoRA train on (`PASCALContext.tar.gz` or
 `PASCAL_MT.tgz`, same layout) from `--manual_dir` and decodes every task exactly as their loader
-(`MLoRE:data/pascal_context.py`, specs/datasets_metrics.md §1.2) into the mtl_jax label format
+(`MLoRE:data/pascal_context.py`, docs/datasets_metrics.md §1.2) into the mtl_jax label format
 (mtl_jax/tasks.py). The pipeline's `AddIgnoreRegions` later turns all-zero human-part maps and
 zero normals into ignore (255), as the references do after loading. Build:
 
@@ -72,7 +72,7 @@ _FEATURE_DOCS = {
     'edge': 'uint8 (H, W, 1) {0, 1}: thin(|Laplacian(label_map)| > 0), 1 px wide.',
     'label_map': 'uint16 (H, W): the 459-class PASCAL-Context LabelMap (0 = unlabelled) of '
                  'pascal-context/trainval/<id>.mat; the boundary benchmark builds its ground truth '
-                 'from it (specs/datasets_metrics.md §4.5 step 4).',
+                 'from it (docs/datasets_metrics.md §4.5 step 4).',
     'id': "image id, e.g. '2008_000002'.",
 }
 
@@ -214,7 +214,7 @@ See data_builders/pascal_context/README.md."""
         description=('PASCAL-Context multi-task (ASTMT / MTI-Net / InvPT / MLoRE / MTLoRA data): '
                      'VOC2010 images with semantic segmentation (21 classes), human parts (7), '
                      'distilled saliency and surface normals, and boundaries of the 459-class '
-                     'PASCAL-Context labels. Decoding: specs/datasets_metrics.md §1.2.'),
+                     'PASCAL-Context labels. Decoding: docs/datasets_metrics.md §1.2.'),
         features=tfds.features.FeaturesDict({
             'image': features.image(doc['image'], encoding_format='jpeg'),
             **{t: features.label(doc[t]) for t in ('semseg', 'human_parts', 'sal')},

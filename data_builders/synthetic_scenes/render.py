@@ -3,13 +3,13 @@
 A pinhole camera inside a closed box-shaped room looks down at primitives standing on the floor.
 Every pixel's ray is cast against the room and the objects (vectorised over pixels, looping only
 over primitives), which gives exact, mutually consistent labels for the six mtl_jax tasks
-(mtl_jax/tasks.py; label formats of specs/datasets_metrics.md §1.2 and §2.1):
+(mtl_jax/tasks.py; label formats of docs/datasets_metrics.md §1.2 and §2.1):
 
 * ``semseg`` (H, W, 1) uint8, the 7 classes of `CLASS_NAMES`: 0 floor, 1 wall (walls and ceiling),
   2 sphere, 3 box, 4 cylinder, 5 cone, 6 figure.
 * ``human_parts`` (H, W, 1) uint8, `PART_NAMES`: 0 not on a figure, 1 head, 2 torso, 3 arms,
   4 legs. All zero when the image has no figure (the input pipeline turns such maps into ignore,
-  like PASCAL-Context, specs/datasets_metrics.md §1.2).
+  like PASCAL-Context, docs/datasets_metrics.md §1.2).
 * ``sal`` (H, W, 1) uint8: 1 on objects (classes 2..6), 0 on floor and walls.
 * ``depth`` (H, W, 1) float32: z-depth in metres (distance along the optical axis), > 0.
 * ``normals`` (H, W, 3) float32: unit surface normals in the camera frame, x right, y up, z towards

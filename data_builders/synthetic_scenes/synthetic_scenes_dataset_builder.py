@@ -2,7 +2,7 @@
 
 The embedded demo dataset: nothing is downloaded, every example is rendered by `render.py` (numpy
 only) from a generator seeded by (config seed, split, index). Labels follow the mtl_jax label
-format (mtl_jax/tasks.py, specs/datasets_metrics.md §1.2); the conventions are in render.py.
+format (mtl_jax/tasks.py, docs/datasets_metrics.md §1.2); the conventions are in render.py.
 
 Build (TensorFlow is not needed to build or read; records are array_record), from the repo root:
 

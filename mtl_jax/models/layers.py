@@ -1,10 +1,10 @@
 """Small layers shared by the models: torch-semantics BatchNorm, bilinear resize, inits, GELU.
 
-Follows specs/mlore.md §3 (BatchNorm: eps 1e-5, momentum 0.1, unbiased running variance; exact
-GELU; bilinear resize with align_corners=False), §3.6 (PyTorch default conv init) and §8 (torch ->
-Flax weight layouts). Activations are NHWC.
+Follows docs/mlore.md §3 (BatchNorm: eps 1e-5, momentum 0.1, unbiased running variance; exact
+GELU; bilinear resize with align_corners=False) and §3.6 (PyTorch default conv init); weight
+layouts of PyTorch checkpoints: mtl_jax/convert/keys.py. Activations are NHWC.
 
-Modules stay plain (no sharding metadata, specs/stack.md §4): the trainer shards parameters by
+Modules stay plain (no sharding metadata, docs/stack.md §4): the trainer shards parameters by
 regex rules over their paths. Batch statistics are plain means over the batch axis, so under
 `jax.jit` with a data-sharded batch they are global-batch statistics (SyncBatchNorm) for free.
 """
@@ -18,7 +18,7 @@ from flax import nnx
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, as torch.nn.GELU() (specs/mlore.md §3.3)."""
+  """Exact (erf) GELU, as torch.nn.GELU() (docs/mlore.md §3.3)."""
   return jax.nn.gelu(x, approximate=False)
 
 
@@ -89,7 +89,7 @@ def conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
 
 
 class BatchNorm(nnx.Module):
-  """torch.nn.BatchNorm2d over the last (channel) axis of an NHWC map (specs/mlore.md §3.3).
+  """torch.nn.BatchNorm2d over the last (channel) axis of an NHWC map (docs/mlore.md §3.3).
 
   Training (`use_running_average=False`, set by `model.train()`): normalises with the biased
   batch variance and updates running = (1 - momentum) * running + momentum * batch, using the
@@ -155,13 +155,3 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   hi = jax.lax.Precision.HIGHEST
   x = jnp.einsum('bhwc,Hh->bHwc', x, mh, precision=hi)
   return jnp.einsum('bhwc,Ww->bhWc', x, mw, precision=hi)
-
-
-def conv_kernel_from_torch(w: np.ndarray) -> np.ndarray:
-  """Conv2d weight (O, I, kh, kw) -> Flax kernel (kh, kw, I, O) (specs/mlore.md §8)."""
-  return np.transpose(w, (2, 3, 1, 0))
-
-
-def linear_kernel_from_torch(w: np.ndarray) -> np.ndarray:
-  """Linear weight (O, I) -> Flax kernel (I, O); the output ordering is kept (specs/mlore.md §8)."""
-  return np.transpose(w)

@@ -1,6 +1,6 @@
 """MTLoRALinear: a frozen Linear with task-agnostic and task-specific low-rank updates.
 
-Follows specs/mtlora.md §2 (MTLoRA repo: models/lora.py, SHARED_MODE 'matrix'):
+Follows docs/mtlora.md §2 (MTLoRA repo: models/lora.py, SHARED_MODE 'matrix'):
 
   base   = x W + b                                   (the pretrained Linear, frozen)
   xd     = dropout(x)                                (LoRA dropout: only the low-rank inputs)
@@ -33,7 +33,7 @@ def base_linear(in_features: int, out_features: int, *, use_bias: bool = True,
 
 
 class MTLoRALinear(nnx.Module):
-  """`__call__(x, x_tasks=None) -> (y_shared, {task: y_task})` (specs/mtlora.md §2).
+  """`__call__(x, x_tasks=None) -> (y_shared, {task: y_task})` (docs/mtlora.md §2).
 
   Args:
     rank: TA-LoRA rank; 0 disables every low-rank term (task ones included, as the reference).

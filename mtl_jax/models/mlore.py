@@ -1,9 +1,10 @@
-"""MLoRE: mixture of low-rank experts decoder on the ViT (specs/mlore.md §3), and its parity family.
+"""MLoRE: mixture of low-rank experts decoder on the ViT (docs/mlore.md §3).
 
-Model (`build`): `MultiTaskModel(vit.ViT, MLoRE, {task: ConvHead})`. The ViT gives 3 taps + the
-final normed map (§2); per stage s a shared 1x1 conv `fea_fuse[s]` (D -> C), then per task two
-independent MoE blocks `mlore_1[s]`, `mlore_2[s]` (§3.2); per task a stage fusion `task_mask[t]`
-(softmax over 4 stages per pixel, §3.1 step 4), x4 bilinear; the heads run at 1/4 resolution and
+Model (`build_decoder`, assembled in models/__init__.py): `MultiTaskModel(vit.ViT, MLoRE,
+{task: ConvHead})`. The ViT gives 3 taps + the final normed map (§2); per stage s a shared
+1x1 conv `fea_fuse[s]` (D -> C), then per task two independent MoE blocks `mlore_1[s]`,
+`mlore_2[s]` (§3.2); per task a stage fusion `task_mask[t]` (softmax over 4 stages per pixel,
+§3.1 step 4), x4 bilinear; the heads run at 1/4 resolution and
 `MultiTaskModel` resizes their logits to the input. aux = {'gates': [8 gate sets]}, each
 {task: (B, E)}: MoE 1 stages 0-3, then MoE 2 stages 0-3 (L_cv of §4, mtl_jax/losses.py).
 
@@ -25,22 +26,19 @@ Config keys (`config.model`):
   mlore.spe_rank: rank of the per-task LoRA branch (torch `conv2.<task>`).
   mlore.topk: experts kept per sample (9).
   mlore.pre_softmax: top-k before (True, NYUD) or after (False, PASCAL) the softmax.
+  mlore.fused (optional, default True): evaluate the experts fused or one by one as the
+    reference (False; tests and benchmarks/mlore_step.py compare the two).
   mlore.repara: use the re-parameterised path in eval mode (same outputs, §3.4); it can also be
     switched on a built model with `model.eval(repara=True)` / `model.set_attributes(repara=...)`.
 `config.input.crop_size` fixes the token grid: the router's position-Linear is resolution-locked.
 
-Parity family (mtl_jax/tools/parity.py): `config_from_reference`, `params_from_torch`,
-`reference_arrays`; `torch_state_dict_shapes(config)` is the official state-dict layout (§8).
+Official checkpoints and parity fixtures: mtl_jax/convert/mlore.py (docs/mlore.md §8, §10).
 """
 
-import collections
-from collections.abc import Callable, Mapping, Sequence
-import dataclasses
-import math
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 
@@ -48,7 +46,6 @@ from mtl_jax import ConfigError
 from mtl_jax import tasks as tasks_lib
 from mtl_jax.models import layers
 from mtl_jax.models import multitask
-from mtl_jax.models import vit
 
 NUM_STAGES = 4  # 3 ViT taps + the final normed map (§2); hard-coded in the reference
 
@@ -69,19 +66,18 @@ class LowRankExperts(nnx.Module):
   concatenated: `down_kernel` (3, 3, C, R), `down_bias` (R,), `up_kernel` (R, C), `up_bias`
   (E, C), R = sum r_i. Init (§3.6): kaiming_uniform(a=sqrt(5)) weights, zero biases.
 
-  `fused=True` computes sum_i g_i Expert_i(x) as one conv C -> R, a per-sample scaling of each
-  expert's r_i channels by g_i, one matmul R -> C and the bias sum_i g_i b_up_i; `fused=False`
-  loops over the experts as the reference does (tests and benchmarks/mlore_step.py). Both are
-  equal up to summation order. `matmul` computes the 3x3 conv as patches @ kernel (the task
-  LoRA, whose kernels differ per task under the task vmap of `MoEBlock`).
+  `fused=True` (config.model.mlore.fused) computes sum_i g_i Expert_i(x) as one conv C -> R, a
+  per-sample scaling of each expert's r_i channels by g_i, one matmul R -> C and the bias sum_i g_i
+  b_up_i; `fused=False` loops over the experts as the reference does (tests and
+  benchmarks/mlore_step.py). Both are equal up to summation order. `matmul` computes the 3x3 conv as
+  patches @ kernel (the task LoRA, whose kernels differ per task under the task vmap of `MoEBlock`).
   """
 
-  fused = True  # class-wide default; benchmarks/mlore_step.py flips it before building a model
-
   def __init__(self, channels: int, ranks: Sequence[int], *, matmul: bool = False,
-               dtype=jnp.float32, rngs: nnx.Rngs):
+               fused: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
     self.ranks = tuple(int(r) for r in ranks)
     self.matmul = matmul
+    self.fused = fused
     self.dtype = dtype
     total = sum(self.ranks)
     self.down_kernel = nnx.Param(
@@ -111,7 +107,8 @@ class LowRankExperts(nnx.Module):
         y = y @ up[sl] + up_bias[i].astype(self.dtype)
         out = out + gates[:, i, None, None, None] * y
       return out
-    y = (_conv2d(x, down, self.matmul) + down_bias.astype(self.dtype)) * self._rank_scale(gates)[:, None, None]
+    y = _conv2d(x, down, self.matmul) + down_bias.astype(self.dtype)
+    y = y * self._rank_scale(gates)[:, None, None]
     return y @ up + (gates @ up_bias.astype(self.dtype))[:, None, None]
 
   def dense(self, gates: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -211,13 +208,13 @@ class MoEBlock(nnx.Module):
 
   def __init__(self, channels: int, grid: tuple[int, int], num_tasks: int,
                ranks: Sequence[int], spe_rank: int, topk: int, pre_softmax: bool, *,
-               repara: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+               repara: bool = False, fused: bool = True, dtype=jnp.float32, rngs: nnx.Rngs):
     self.num_experts = len(ranks)
     self.topk = topk
     self.pre_softmax = pre_softmax
     self.repara = repara
     self.deterministic = False
-    self.lora_experts = LowRankExperts(channels, ranks, dtype=dtype, rngs=rngs)
+    self.lora_experts = LowRankExperts(channels, ranks, fused=fused, dtype=dtype, rngs=rngs)
     self.share_conv = layers.conv(channels, channels, 3, dtype=dtype, rngs=rngs)
 
     @nnx.split_rngs(splits=num_tasks)
@@ -291,15 +288,23 @@ class StageFusion(nnx.Module):
 
 
 class MLoRE(nnx.Module):
-  """The MLoRE decoder (§3.1): 4 ViT maps -> ({task: (B, 4h, 4w, C)}, {'gates': [8 gate sets]}).
+  """The MLoRE decoder (§3.1): 4 backbone maps -> ({task: (B, 4h, 4w, C)}, {'gates': [8 gate
+  sets]}), (h, w) the grid of the first map.
 
-  Torch names: `fea_fuse` = backbone.fea_fuse, `mlore_1`/`mlore_2` = backbone.MLoRE_1/MLoRE_2,
-  `task_mask` = backbone.task_mask.
+  `in_channels` / `grids`: the 4 stages' channels and grids (the backbone contract,
+  models/backbone.py). The ViT's 4 maps share one grid, as in the reference; on a backbone with
+  coarser later stages (Swin) each stage's MoE output is resized (bilinear) to the first grid
+  before the stage fusion. Torch names: `fea_fuse` = backbone.fea_fuse, `mlore_1`/`mlore_2` =
+  backbone.MLoRE_1/MLoRE_2, `task_mask` = backbone.task_mask.
   """
 
-  def __init__(self, in_channels: int, grid: tuple[int, int], tasks: Sequence[str],
-               channels: int, rank_list: Sequence[int], spe_rank: int, topk: int,
-               pre_softmax: bool, *, repara: bool = False, dtype=jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, in_channels: Sequence[int], grids: Sequence[tuple[int, int]],
+               tasks: Sequence[str], channels: int, rank_list: Sequence[int], spe_rank: int,
+               topk: int, pre_softmax: bool, *, repara: bool = False, fused: bool = True,
+               dtype=jnp.float32, rngs: nnx.Rngs):
+    if len(in_channels) != NUM_STAGES or len(grids) != NUM_STAGES:
+      raise ConfigError(f'MLoRE needs {NUM_STAGES} backbone stages, got {len(in_channels)}; for '
+                        'the ViT set config.model.backbone.taps to 3 blocks')
     if channels % 4:
       raise ConfigError(f'config.model.mlore.channels={channels} must be divisible by 4 (the '
                         'router concatenates two C/4 branches)')
@@ -307,12 +312,13 @@ class MLoRE(nnx.Module):
       raise ConfigError(f'config.model.mlore.topk={topk} must be in [1, {len(rank_list)}] '
                         f'(the number of experts, len(rank_list))')
     self.tasks = tuple(tasks)
-    block = lambda: MoEBlock(channels, tuple(grid), len(self.tasks), rank_list, spe_rank, topk,
-                             pre_softmax, repara=repara, dtype=dtype, rngs=rngs)
-    self.fea_fuse = nnx.List([layers.conv(in_channels, channels, 1, dtype=dtype, rngs=rngs)
-                              for _ in range(NUM_STAGES)])
-    self.mlore_1 = nnx.List([block() for _ in range(NUM_STAGES)])
-    self.mlore_2 = nnx.List([block() for _ in range(NUM_STAGES)])
+    block = lambda grid: MoEBlock(channels, tuple(grid), len(self.tasks), rank_list, spe_rank,
+                                  topk, pre_softmax, repara=repara, fused=fused, dtype=dtype,
+                                  rngs=rngs)
+    self.fea_fuse = nnx.List([layers.conv(d, channels, 1, dtype=dtype, rngs=rngs)
+                              for d in in_channels])
+    self.mlore_1 = nnx.List([block(grid) for grid in grids])
+    self.mlore_2 = nnx.List([block(grid) for grid in grids])
     self.task_mask = nnx.Dict({t: StageFusion(channels, dtype=dtype, rngs=rngs) for t in tasks})
 
   def __call__(self, features: Sequence[jax.Array]) -> tuple[dict[str, jax.Array], dict]:
@@ -324,9 +330,6 @@ class MLoRE(nnx.Module):
     """Also returns the intermediates under their fixture names (§10), NHWC: `fuse/<s>`,
     `moe1|moe2/<s>/<t>`, `route1|route2/<s>/<t>`, `router_logits/moe1|moe2/<s>/<t>`,
     `stage_logits/<t>`, `dec/<t>`."""
-    if len(features) != NUM_STAGES:
-      raise ValueError(f'MLoRE needs {NUM_STAGES} feature maps (3 taps + final), got '
-                       f'{len(features)}; set config.model.backbone.taps to 3 blocks')
     inter = {}
     gates_1, gates_2 = [], []
     stage_maps = {t: [] for t in self.tasks}
@@ -343,7 +346,10 @@ class MLoRE(nnx.Module):
         inter[f'router_logits/moe2/{s}/{t}'] = z2[i]
         stage_maps[t].append(y[i])
     maps = {}
+    size = stage_maps[self.tasks[0]][0].shape[1:3]
     for t in self.tasks:
+      stage_maps[t] = [y if y.shape[1:3] == size else layers.resize_bilinear(y, size)
+                       for y in stage_maps[t]]
       logits = self.task_mask[t](jnp.concatenate(stage_maps[t], axis=-1))
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
       fused = sum(weights[..., s, None] * y for s, y in enumerate(stage_maps[t]))
@@ -353,351 +359,19 @@ class MLoRE(nnx.Module):
     return maps, {'gates': gates_1 + gates_2}, inter
 
 
-def build(config, tasks: Mapping[str, tasks_lib.Task], backbone: vit.ViT, *,
-          rngs: nnx.Rngs) -> multitask.MultiTaskModel:
-  """ViT `backbone` + MLoRE decoder + one ConvHead per task, from `config.model.mlore`."""
+def build_decoder(config, tasks: Mapping[str, tasks_lib.Task], backbone, *, rngs: nnx.Rngs
+                  ) -> tuple[MLoRE, dict[str, multitask.ConvHead]]:
+  """MLoRE decoder on `backbone`'s 4 stages (models/backbone.py) + one ConvHead per task, from
+  `config.model.mlore`."""
   cfg = config.model.mlore
-  if len(backbone.taps) != NUM_STAGES - 1:
-    raise ConfigError(f'MLoRE needs exactly 3 ViT taps, got config.model.backbone.taps='
-                      f'{backbone.taps}')
+  if len(backbone.stage_dims) != NUM_STAGES:
+    raise ConfigError(f'MLoRE needs {NUM_STAGES} backbone stages, got '
+                      f'{len(backbone.stage_dims)}; for the ViT set config.model.backbone.taps '
+                      'to exactly 3 blocks')
   dtype = jnp.dtype(config.model.dtype)
-  decoder = MLoRE(backbone.embed_dim, backbone.grid, list(tasks), cfg.channels,
+  decoder = MLoRE(backbone.stage_dims, backbone.stage_grids, list(tasks), cfg.channels,
                   tuple(cfg.rank_list), cfg.spe_rank, cfg.topk, cfg.pre_softmax,
-                  repara=cfg.repara, dtype=dtype, rngs=rngs)
+                  repara=cfg.repara, fused=cfg.get('fused', True), dtype=dtype, rngs=rngs)
   heads = {name: multitask.ConvHead(cfg.channels, task.num_outputs, dtype=dtype, rngs=rngs)
            for name, task in tasks.items()}
-  return multitask.MultiTaskModel(backbone, decoder, heads)
-
-
-# ------------------------------------------------------------------------------------------------
-# Parity family (mtl_jax/tools/parity.py) and checkpoint conversion (§8).
-
-# Fixture `dataset` (or `db_name`) -> (TFDS dataset, pre_softmax of that dataset's configs, §1).
-_DATASETS = {'pascal': ('pascal_context', False), 'pascalcontext': ('pascal_context', False),
-             'nyud': ('nyud_v2', True), 'nyudv2': ('nyud_v2', True)}
-
-
-def config_from_reference(config: ml_collections.ConfigDict, sidecar: Mapping
-                          ) -> ml_collections.ConfigDict:
-  """Sets model, tasks, dataset, input size and loss settings of a fixture sidecar (§10).
-
-  Any fixture of the official code: PASCAL or NYUD task sets, h != w inputs, either pre_softmax
-  (a missing `pre_softmax`, as in the shipped ViT-S yml, means the dataset's value: §1, §9.1),
-  any seed. Loss settings absent from the sidecar keep the config's values.
-  """
-  rc = sidecar['reduced_config']
-  names = [str(sidecar.get(k, '')).lower().replace('_', '').replace('-', '')
-           for k in ('dataset', 'db_name')]
-  known = [n for n in names if n in _DATASETS]
-  if not known:
-    raise ConfigError(f'fixture dataset {sidecar.get("dataset")!r} (db_name '
-                      f'{sidecar.get("db_name")!r}) is not one of pascal, nyud')
-  dataset, pre_softmax = _DATASETS[known[0]]
-  size = rc['img_size']
-  img_size = (int(size), int(size)) if np.ndim(size) == 0 else tuple(int(v) for v in size)
-  patch = int(rc['patch_size'])
-  if img_size[0] % patch or img_size[1] % patch:
-    raise ConfigError(f'fixture img_size {img_size} is not a multiple of patch_size {patch}')
-  grid = tuple(v // patch for v in img_size)
-  if 'grid' in rc and tuple(rc['grid']) != grid:
-    raise ConfigError(f'fixture grid {rc["grid"]} does not match img_size {img_size} / patch '
-                      f'{patch}')
-  num_output = dict(sidecar['num_output'])
-  task_names = list(sidecar.get('tasks') or num_output)
-  config.model.name = 'mlore'
-  config.model.backbone = ml_collections.ConfigDict(dict(
-      variant='', patch_size=patch, embed_dim=int(rc['embed_dim']), depth=int(rc['depth']),
-      num_heads=int(rc['num_heads']), taps=tuple(int(i) for i in rc['select_list']),
-      drop_path_rate=float(rc.get('drop_path_rate', 0.15))))
-  config.model.mlore = ml_collections.ConfigDict(dict(
-      channels=int(rc['final_embed_dim']), rank_list=tuple(int(r) for r in rc['rank_list']),
-      spe_rank=int(rc['spe_rank']), topk=int(rc['topk']),
-      pre_softmax=bool(rc.get('pre_softmax', pre_softmax)), repara=False))
-  config.tasks = ','.join(task_names)
-  config.convention = 'mlore'
-  config.dataset.name = dataset
-  config.input.crop_size = img_size
-  weights = dict(rc.get('loss_weights', {}))
-  if 'load_balancing' in weights:
-    config.load_balancing_weight = float(weights.pop('load_balancing'))
-  config.loss_weights.update({k: float(v) for k, v in weights.items()})
-  if 'edge_w' in rc:
-    config.edge_w = float(rc['edge_w'])
-  tasks = tasks_lib.get_tasks(config.tasks, config.dataset.name, config.convention)
-  for name, n in num_output.items():
-    if name not in tasks or tasks[name].num_outputs != n:
-      raise ConfigError(f'fixture task {name!r} has {n} outputs, the task registry '
-                        f'{tasks[name].num_outputs if name in tasks else "does not list it"} '
-                        f'(tasks {task_names})')
-  return config
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-  """One torch tensor: its shape, where it goes and how (`join`: pieces of one fused array)."""
-  key: str
-  shape: tuple[int, ...]
-  collection: str  # 'params' | 'batch_stats'
-  path: tuple  # in the nested pure dict of nnx.state(model, collection)
-  convert: Callable[[np.ndarray], np.ndarray] = lambda w: w
-  join: str = ''  # '' | 'concat_last' | 'concat_first' | 'stack'
-
-
-def _conv_entries(key, path, cin, cout, k, join=''):
-  return [_Entry(f'{key}.weight', (cout, cin, k, k), 'params', path + ('kernel',),
-                 layers.conv_kernel_from_torch, join),
-          _Entry(f'{key}.bias', (cout,), 'params', path + ('bias',), join=join)]
-
-
-def _linear_entries(key, path, din, dout, join=''):
-  return [_Entry(f'{key}.weight', (dout, din), 'params', path + ('kernel',),
-                 layers.linear_kernel_from_torch, join),
-          _Entry(f'{key}.bias', (dout,), 'params', path + ('bias',), join=join)]
-
-
-def _norm_entries(key, path, dim, running=False, join=''):
-  out = [_Entry(f'{key}.weight', (dim,), 'params', path + ('scale',), join=join),
-         _Entry(f'{key}.bias', (dim,), 'params', path + ('bias',), join=join)]
-  if running:  # BatchNorm
-    out += [_Entry(f'{key}.running_mean', (dim,), 'batch_stats', path + ('mean',), join=join),
-            _Entry(f'{key}.running_var', (dim,), 'batch_stats', path + ('var',), join=join)]
-  return out
-
-
-def _lowrank_entries(key, path, channels, rank, *, task_stacked=False):
-  """torch `{key}.W` (3x3 C -> r) and `.M` (1x1 r -> C) as one expert of `LowRankExperts`:
-  concatenated with the block's other experts (§3.2.1), or the one expert of a task LoRA,
-  stacked over tasks."""
-  concat = 'stack' if task_stacked else 'concat_last'
-  return [
-      _Entry(f'{key}.W.weight', (rank, channels, 3, 3), 'params', path + ('down_kernel',),
-             layers.conv_kernel_from_torch, concat),
-      _Entry(f'{key}.W.bias', (rank,), 'params', path + ('down_bias',), join=concat),
-      _Entry(f'{key}.M.weight', (channels, rank, 1, 1), 'params', path + ('up_kernel',),
-             lambda w: w[:, :, 0, 0].T, 'stack' if task_stacked else 'concat_first'),
-      _Entry(f'{key}.M.bias', (channels,), 'params', path + ('up_bias',),
-             (lambda w: w[None]) if task_stacked else (lambda w: w), 'stack'),
-  ]
-
-
-def _vit_arch(config) -> dict:
-  """patch_size, embed_dim, depth, ... of config.model.backbone (as models.build_model reads it)."""
-  cfg = config.model.backbone
-  if cfg.get('variant'):
-    if cfg.variant not in vit.VARIANTS:
-      raise ConfigError(f'unknown config.model.backbone.variant {cfg.variant!r}; known: '
-                        f'{", ".join(vit.VARIANTS)}')
-    return vit.VARIANTS[cfg.variant]
-  return {k: cfg[k] for k in ('patch_size', 'embed_dim', 'depth', 'num_heads', 'taps')}
-
-
-def _torch_entries(config) -> list[_Entry]:
-  """Every tensor of the official state dict (§8) for `config`, in state-dict order, without
-  `num_batches_tracked` and the ViT-B keys that the forward never uses (§3.5).
-
-  Per-task tensors of the MoE blocks are stacked over tasks in config.tasks order ('stack');
-  the experts of a block are concatenated along their rank axis (§3.2.1).
-  """
-  tasks = tasks_lib.get_tasks(config.tasks, config.dataset.name.split('/')[0],
-                              config.convention)
-  arch = _vit_arch(config)
-  d, p, depth = arch['embed_dim'], arch['patch_size'], arch['depth']
-  h, w = (size // p for size in config.input.crop_size)
-  cfg = config.model.mlore
-  c, e = cfg.channels, len(cfg.rank_list)
-  entries = [
-      _Entry('backbone.pos_embed', (1, h * w + 1, d), 'params', ('backbone', 'pos_embed')),
-      *_conv_entries('backbone.patch_embed.proj', ('backbone', 'patch_embed'), 3, d, p)]
-  for i in range(depth):
-    k, path = f'backbone.blocks.{i}', ('backbone', 'blocks', i)
-    entries += [*_norm_entries(f'{k}.norm1', path + ('norm1',), d),
-                *_linear_entries(f'{k}.attn.qkv', path + ('attn', 'qkv'), d, 3 * d),
-                *_linear_entries(f'{k}.attn.proj', path + ('attn', 'proj'), d, d),
-                *_norm_entries(f'{k}.norm2', path + ('norm2',), d),
-                *_linear_entries(f'{k}.mlp.fc1', path + ('mlp', 'fc1'), d, 4 * d),
-                *_linear_entries(f'{k}.mlp.fc2', path + ('mlp', 'fc2'), 4 * d, d)]
-  entries += _norm_entries('backbone.norm', ('backbone', 'norm'), d)
-  for s in range(NUM_STAGES):
-    entries += _conv_entries(f'backbone.fea_fuse.{s}', ('decoder', 'fea_fuse', s), d, c, 1)
-  for m in (1, 2):
-    for s in range(NUM_STAGES):
-      k, path = f'backbone.MLoRE_{m}.{s}', ('decoder', f'mlore_{m}', s)
-      bp = path + ('branches',)
-      for i, rank in enumerate(cfg.rank_list):
-        entries += _lowrank_entries(f'{k}.lora_list_1.{i}', path + ('lora_experts',), c, rank)
-      for t in tasks:
-        entries += [*_conv_entries(f'{k}.conv1.{t}', bp + ('conv1',), c, c, 1, 'stack'),
-                    *_lowrank_entries(f'{k}.conv2.{t}', bp + ('task_lora',), c, cfg.spe_rank,
-                                      task_stacked=True),
-                    *_conv_entries(f'{k}.conv3.{t}', bp + ('conv3',), c, c, 1, 'stack')]
-      entries += _conv_entries(f'{k}.share_conv', path + ('share_conv',), c, c, 3)
-      for t in tasks:
-        entries += _norm_entries(f'{k}.bn.{t}', bp + ('bn',), c, True, 'stack')
-      for t in tasks:
-        entries += _norm_entries(f'{k}.bn_all.{t}', bp + ('bn_all',), c, True, 'stack')
-      rp = bp + ('router',)
-      for t in tasks:
-        r = f'{k}.router_1.{t}'
-        entries += [
-            *_conv_entries(f'{r}.0.conv1', rp + ('pool_conv1',), c, c // 4, 1, 'stack'),
-            *_norm_entries(f'{r}.0.ln', rp + ('pool_ln',), c // 4, join='stack'),
-            *_linear_entries(f'{r}.0.convsp', rp + ('pos_linear',), h * w, 1, 'stack'),
-            *_norm_entries(f'{r}.0.ln_sp', rp + ('pos_ln',), c, join='stack'),
-            *_conv_entries(f'{r}.0.conv2', rp + ('pos_conv',), c, c // 4, 1, 'stack'),
-            *_conv_entries(f'{r}.0.conv3', rp + ('pool_conv2',), c // 4, c // 4, 1, 'stack'),
-            *_conv_entries(f'{r}.1', rp + ('proj',), c // 2, 2 * e + 1, 1, 'stack')]
-  for t in tasks:
-    k, path = f'backbone.task_mask.{t}', ('decoder', 'task_mask', t)
-    entries += [*_conv_entries(f'{k}.0', path + ('conv_in',), NUM_STAGES * c, c, 1),
-                *_norm_entries(f'{k}.1', path + ('bn',), c, running=True),
-                *_conv_entries(f'{k}.3', path + ('conv_out',), c, NUM_STAGES, 3)]
-  for t, task in tasks.items():
-    k, path = f'heads.{t}', ('heads', t)
-    entries += [*_conv_entries(f'{k}.mt_proj.0', path + ('conv',), c, c, 3),
-                *_norm_entries(f'{k}.mt_proj.1', path + ('bn',), c, running=True),
-                *_conv_entries(f'{k}.linear_pred', path + ('linear_pred',), c, task.num_outputs,
-                               1)]
-  return entries
-
-
-def torch_state_dict_shapes(config) -> dict[str, tuple[int, ...]]:
-  """{official state-dict key: shape} that `params_from_torch` reads for `config` (§8)."""
-  return {e.key: e.shape for e in _torch_entries(config)}
-
-
-# Keys of the official checkpoints that carry nothing the forward needs: BN counters, the
-# unused ViT-B modules (§3.5) and the recomputed `virt_conv` tensors of reparameter() (§3.4).
-_IGNORED = ('num_batches_tracked', 'backbone.q_fuse.', 'backbone.classify_route_1.',
-            'backbone.classify_route_2.', 'aux_heads.', '.virt_conv.')
-
-
-def _ignored(key: str) -> bool:
-  return any(part in key for part in _IGNORED)
-
-
-def params_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict[str, dict]:
-  """Official MLoRE state dict -> {'params', 'batch_stats'} pure dicts of the `build` model (§8).
-
-  Accepts the DDP `module.` prefix. Conv (O, I, kh, kw) -> (kh, kw, I, O); Linear (O, I) -> (I, O);
-  the 15 experts' W/M tensors are concatenated into `LowRankExperts`' fused arrays. Raises one
-  ConfigError listing every missing, unexpected and shape-mismatched key. With
-  `jax.ShapeDtypeStruct` values the result is abstract (checks the layout of a large model,
-  e.g. ViT-L, without memory).
-  """
-  if state_dict and all(k.startswith('module.') for k in state_dict):
-    state_dict = {k[len('module.'):]: v for k, v in state_dict.items()}
-  entries = _torch_entries(config)
-  expected = {e.key: e.shape for e in entries}
-  shape = lambda v: tuple(getattr(v, 'shape', np.shape(v)))
-  missing = [k for k in expected if k not in state_dict]
-  unexpected = [k for k in state_dict if k not in expected and not _ignored(k)]
-  mismatched = [f'{k} {shape(state_dict[k])} (expected {want})' for k, want in expected.items()
-                if k in state_dict and shape(state_dict[k]) != want]
-  if missing or unexpected or mismatched:
-    def show(name, keys):
-      more = f' ... and {len(keys) - 20} more' if len(keys) > 20 else ''
-      return f'\n  {len(keys)} {name}: ' + ', '.join(keys[:20]) + more if keys else ''
-    raise ConfigError('the state dict does not match config.model / config.tasks / '
-                      'config.input.crop_size' + show('missing', missing)
-                      + show('unexpected', unexpected) + show('shape-mismatched', mismatched))
-  needed = {k: state_dict[k] for k in expected}
-  if any(isinstance(v, jax.ShapeDtypeStruct) for v in needed.values()):
-    return jax.eval_shape(lambda sd: _assemble(sd, entries, jnp), needed)
-  return _assemble(needed, entries, np)
-
-
-def _assemble(state_dict: Mapping, entries: Sequence[_Entry], xp) -> dict[str, dict]:
-  """The conversion proper, with the array namespace `xp` (numpy, or jax.numpy when traced)."""
-  out = {'params': {}, 'batch_stats': {}}
-  pieces = collections.defaultdict(list)
-  for e in entries:
-    value = e.convert(xp.asarray(state_dict[e.key], xp.float32))
-    if e.join:
-      pieces[(e.collection, e.path, e.join)].append(value)
-    else:
-      _set(out[e.collection], e.path, value)
-  for (collection, path, join), values in pieces.items():
-    joined = {'concat_last': lambda v: xp.concatenate(v, axis=-1),
-              'concat_first': lambda v: xp.concatenate(v, axis=0),
-              'stack': xp.stack}[join](values)
-    _set(out[collection], path, joined)
-  return out
-
-
-def _set(tree: dict, path: tuple, value) -> None:
-  for key in path[:-1]:
-    tree = tree.setdefault(key, {})
-  tree[path[-1]] = value
-
-
-def params_to_torch(weights: Mapping[str, Mapping], config) -> dict[str, np.ndarray]:
-  """Inverse of `params_from_torch`: {'params'[, 'batch_stats']} -> official state dict (§8).
-
-  Also maps gradients (a `{'params': grads}` tree) to the official names and layouts, which is
-  how tests compare them with the fixtures' `grad/*`. Collections absent from `weights` are
-  skipped; `num_batches_tracked` is not produced.
-  """
-  entries = [e for e in _torch_entries(config) if e.collection in weights]
-  offsets = collections.Counter()  # per joined array: next stack index / concat offset
-  out = {}
-  for e in entries:
-    value = np.asarray(_get(weights[e.collection], e.path))
-    group = (e.collection, e.path, e.join)
-    if e.join == 'stack':
-      value = value[offsets[group]]
-      offsets[group] += 1
-    elif e.join:  # a rank slice: 'concat_last' of W (r, C, 3, 3) / (r,), 'concat_first' of M
-      size = e.shape[0] if e.join == 'concat_last' else e.shape[1]
-      sl = slice(offsets[group], offsets[group] + size)
-      value = value[..., sl] if e.join == 'concat_last' else value[sl]
-      offsets[group] += size
-    if len(e.shape) == 4:  # conv (kh, kw, I, O) -> (O, I, kh, kw); expert up (r, C) -> (C, r, 1, 1)
-      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T[..., None, None]
-    elif len(e.shape) == 2:  # linear (I, O) -> (O, I)
-      value = value.T
-    out[e.key] = value.reshape(e.shape)
-  return out
-
-
-def _get(tree: Mapping, path: tuple):
-  for key in path:
-    tree = tree[key]
-  return tree
-
-
-@nnx.jit
-def _forward_with_intermediates(model: multitask.MultiTaskModel, images: jax.Array):
-  """(ViT maps, decoder intermediates, predictions); module level, so the compilation is cached
-  across models of the same structure."""
-  features = model.backbone(images)
-  _, _, inter = model.decoder.forward_with_intermediates(features)
-  preds, _ = model(images)
-  return features, inter, preds
-
-
-def reference_arrays(model: multitask.MultiTaskModel, images_nchw: np.ndarray, config
-                     ) -> dict[str, np.ndarray]:
-  """Fixture arrays (§10) in torch layouts from an eval-mode model: `out/*`, `feat/*` (B, N, D),
-  `fuse/*`, `moe1|moe2/*`, `route1|route2/*`, `router_logits/*`, `stage_logits/*`, `dec/*` and
-  `out_repara/*` (the same model with `repara` on)."""
-  del config
-  images = jnp.asarray(np.asarray(images_nchw).transpose(0, 2, 3, 1))
-  blocks = [m for _, m in nnx.iter_graph(model) if isinstance(m, MoEBlock)]
-  saved = [block.repara for block in blocks]
-  model.set_attributes(repara=False)
-  features, inter, preds = _forward_with_intermediates(model, images)
-  model.set_attributes(repara=True)
-  _, _, preds_repara = _forward_with_intermediates(model, images)
-  for block, flag in zip(blocks, saved):
-    block.repara = flag
-
-  def torch_layout(x):
-    x = np.asarray(x)
-    return x.transpose(0, 3, 1, 2) if x.ndim == 4 else x
-
-  out = {f'feat/{i}': np.asarray(f).reshape(f.shape[0], -1, f.shape[-1])
-         for i, f in enumerate(features)}
-  out.update({k: torch_layout(v) for k, v in inter.items()})
-  out.update({f'out/{t}': torch_layout(v) for t, v in preds.items()})
-  out.update({f'out_repara/{t}': torch_layout(v) for t, v in preds_repara.items()})
-  return out
+  return decoder, heads

@@ -2,25 +2,26 @@
 
 Every model of mtl_jax is a `MultiTaskModel`:
 
-  backbone(images NHWC) -> list of feature maps
+  backbone(images NHWC) -> backbone.Features (multi-scale maps, optional task streams)
   decoder(features)     -> ({task: feature map}, aux)
-  heads[task](map)      -> logits, bilinearly resized to the input size (specs/mlore.md §3.3)
+  heads[task](map)      -> logits, bilinearly resized to the input size (docs/mlore.md §3.3)
 
 `aux` carries extras for the losses (MLoRE puts its router gates there). `FuseDecoder` is the
 decoder of the "ViT multi-task baseline": one map shared by all tasks.
 """
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from mtl_jax.models import layers
+from mtl_jax.tasks import Task
 
 
 class ConvHead(nnx.Module):
-  """3x3 conv C->C, BatchNorm, exact GELU, 1x1 conv C->K (specs/mlore.md §3.3, init §3.6).
+  """3x3 conv C->C, BatchNorm, exact GELU, 1x1 conv C->K (docs/mlore.md §3.3, init §3.6).
 
   Torch names: `mt_proj.0` = `conv`, `mt_proj.1` = `bn`, `linear_pred` = `linear_pred`.
   """
@@ -54,6 +55,19 @@ class FuseDecoder(nnx.Module):
     if self.upsample != 1:
       x = layers.resize_bilinear(x, (x.shape[1] * self.upsample, x.shape[2] * self.upsample))
     return {task: x for task in self.tasks}, {}
+
+
+def build_fuse_decoder(config, tasks: Mapping[str, Task], backbone, *, rngs: nnx.Rngs
+                       ) -> tuple[FuseDecoder, dict[str, ConvHead]]:
+  """FuseDecoder over every stage of `backbone` + one ConvHead per task (config.model.decoder:
+  channels C, upsample). The stages must share one grid (the ViT's do)."""
+  dtype = jnp.dtype(config.model.dtype)
+  channels = config.model.decoder.channels
+  decoder = FuseDecoder(backbone.stage_dims, channels, list(tasks),
+                        upsample=config.model.decoder.upsample, dtype=dtype, rngs=rngs)
+  heads = {name: ConvHead(channels, task.num_outputs, dtype=dtype, rngs=rngs)
+           for name, task in tasks.items()}
+  return decoder, heads
 
 
 class MultiTaskModel(nnx.Module):

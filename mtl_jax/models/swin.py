@@ -1,4 +1,4 @@
-"""Swin Transformer backbone as used by MTLoRA (specs/mtlora.md §1; Swin-B: specs/user_fork.md §5).
+"""Swin Transformer backbone as used by MTLoRA (docs/mtlora.md §1; Swin-B: docs/user_fork.md §5).
 
 - Patch embedding: p x p conv, stride p, with bias, then LayerNorm; tokens row-major. No absolute
   position embedding, no final LayerNorm, no classifier.
@@ -18,7 +18,7 @@
 The Linear layers are made by a factory `make_linear(name, in, out, *, stage, block, use_bias,
 dtype, rngs)` (name in 'qkv', 'proj', 'fc1', 'fc2', 'reduction'; block None for 'reduction');
 `plain_linear` gives the plain Swin, mtlora.py places `lora.MTLoRALinear`s. When a block's
-`attn.proj` returns task outputs, the block also returns task streams (specs/mtlora.md §2.2): each
+`attn.proj` returns task outputs, the block also returns task streams (docs/mtlora.md §2.2): each
 task's proj output gets the same residual, LN2 and MLP (fc1/fc2 called with the task inputs),
 and the stage's PatchMerging maps every stream. Every stage returns (shared map, {task: map});
 the task streams are those of fc2 in the stage's last block (none if fc2 gives none).
@@ -36,11 +36,12 @@ import numpy as np
 from flax import nnx
 
 from mtl_jax import ConfigError
+from mtl_jax.models import backbone
 from mtl_jax.models import layers
 from mtl_jax.models import lora
 
 # Swin-T/S/B (patch 4, window 7, MLP ratio 4); 'tiny' = the reduced structure of the golden
-# fixtures (specs/mtlora.md §10: patch 2 keeps the real 4-stage token grids at 224).
+# fixtures (docs/mtlora.md §10: patch 2 keeps the real 4-stage token grids at 224).
 VARIANTS = {
     'T': dict(patch_size=4, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
               window_size=7),
@@ -282,7 +283,8 @@ class SwinStage(nnx.Module):
 
 
 class SwinTransformer(nnx.Module):
-  """Swin backbone: images (B, H, W, 3) -> per stage (shared (B, h, w, C), {task: map}).
+  """Swin backbone: images (B, H, W, 3) -> `Features`: per stage the shared (B, h, w, C) map and
+  {task: map} of the task streams (backbone.py).
 
   Build a shipped variant with `SwinTransformer(img_size, **VARIANTS['T'], rngs=rngs)`. The
   input size is fixed at construction (the reference asserts it; masks depend on it).
@@ -307,14 +309,39 @@ class SwinTransformer(nnx.Module):
                   make_linear=make_linear, dtype=dtype, rngs=rngs)
         for i, (depth, heads) in enumerate(zip(depths, num_heads))])
     self.dims = tuple(embed_dim * 2 ** min(i + 1, n - 1) for i in range(n))
+    self.stage_dims = self.dims  # the backbone contract (backbone.py): after each PatchMerging
+    self.stage_grids = tuple(grids[min(i + 1, n - 1)] for i in range(n))
 
-  def __call__(self, images: jax.Array) -> list[Streams]:
+  def __call__(self, images: jax.Array) -> backbone.Features:
     if tuple(images.shape[1:3]) != self.img_size:
       raise ValueError(f'input size {tuple(images.shape[1:3])} does not match the model '
                        f'({self.img_size}); resize the input or rebuild for that size')
     x = self.patch_embed(images.astype(self.dtype))
-    features = []
+    maps, task_maps = [], []
     for stage in self.layers:
       x, x_tasks = stage(x)
-      features.append((x, x_tasks))
-    return features
+      maps.append(x)
+      task_maps.append(x_tasks)
+    return backbone.Features(tuple(maps), tuple(task_maps))
+
+
+_EXPLICIT = ('patch_size', 'embed_dim', 'depths', 'num_heads', 'window_size')
+
+
+def arch(cfg) -> dict:
+  """SwinTransformer kwargs of `config.model.backbone`: a variant or explicit sizes, plus
+  mlp_ratio and drop_path_rate."""
+  out = backbone.variant_arch(cfg, VARIANTS, _EXPLICIT, 'Swin')
+  out.update(depths=tuple(out['depths']), num_heads=tuple(out['num_heads']),
+             mlp_ratio=cfg.mlp_ratio, drop_path_rate=cfg.drop_path_rate)
+  return out
+
+
+def build(config, tasks=None, *, rngs: nnx.Rngs,
+          make_linear: Callable[..., nnx.Module] = plain_linear) -> SwinTransformer:
+  """The Swin of `config.model.backbone` for `config.input.crop_size`; `make_linear` places
+  the Linears (mtlora.placement for MTLoRA). `tasks` is unused here: the task streams come from
+  `make_linear`."""
+  del tasks
+  return SwinTransformer(tuple(config.input.crop_size), **arch(config.model.backbone),
+                         make_linear=make_linear, dtype=jnp.dtype(config.model.dtype), rngs=rngs)

@@ -1,4 +1,4 @@
-"""The MLoRE ViT backbone: timm-style ViT without class token, 4 NHWC taps (specs/mlore.md §2).
+"""The MLoRE ViT backbone: timm-style ViT without class token, 4 NHWC taps (docs/mlore.md §2).
 
 - Patch embedding: p x p conv, stride p, with bias; tokens row-major (index y * w + x).
 - `pos_embed` has N + 1 rows (row 0 is a vestigial class-token slot kept for weight loading);
@@ -13,16 +13,17 @@
 `dtype` is the computation dtype; parameters are always float32.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtl_jax.models import backbone
 from mtl_jax.models import layers
 
-# specs/mlore.md §2. 'tiny/16' is the reduced ViT of the golden fixtures (§10), for tests/demos.
+# docs/mlore.md §2. 'tiny/16' is the reduced ViT of the golden fixtures (§10), for tests/demos.
 VARIANTS = {
     'tiny/16': dict(patch_size=16, embed_dim=48, depth=8, num_heads=3, taps=(2, 4, 6)),
     'S/16': dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, taps=(3, 6, 9)),
@@ -32,7 +33,7 @@ VARIANTS = {
 
 
 def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-  """nn.Linear with timm ViT init: trunc_normal(.02) weight, zero bias (specs/mlore.md §3.6)."""
+  """nn.Linear with timm ViT init: trunc_normal(.02) weight, zero bias (docs/mlore.md §3.6)."""
   return nnx.Linear(din, dout, kernel_init=layers.trunc_normal(0.02),
                     bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
 
@@ -42,7 +43,7 @@ def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
 
 
 class Attention(nnx.Module):
-  """Multi-head self-attention with a fused qkv projection (specs/mlore.md §2)."""
+  """Multi-head self-attention with a fused qkv projection (docs/mlore.md §2)."""
 
   def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
     if dim % num_heads:
@@ -89,9 +90,10 @@ class Block(nnx.Module):
 
 
 class ViT(nnx.Module):
-  """ViT returning len(taps) + 1 feature maps (B, H/p, W/p, D) (specs/mlore.md §2).
+  """ViT returning `Features` of len(taps) + 1 maps (B, H/p, W/p, D) (docs/mlore.md §2).
 
-  Build a shipped variant with `ViT(img_size, **VARIANTS['L/16'], rngs=rngs)`.
+  Build a shipped variant with `ViT(img_size, **VARIANTS['L/16'], rngs=rngs)`, or the configured
+  one with `build(config, tasks, rngs=rngs)`.
   """
 
   def __init__(self, img_size: tuple[int, int], patch_size: int, embed_dim: int, depth: int,
@@ -118,9 +120,11 @@ class ViT(nnx.Module):
         Block(embed_dim, num_heads, mlp_ratio, float(rate), dtype=dtype, rngs=rngs)
         for rate in np.linspace(0.0, drop_path_rate, depth)])
     self.norm = _layer_norm(embed_dim, dtype, rngs)
+    self.stage_dims = (embed_dim,) * (len(taps) + 1)  # the backbone contract (backbone.py)
+    self.stage_grids = (self.grid,) * (len(taps) + 1)
 
-  def __call__(self, images: jax.Array) -> list[jax.Array]:
-    """images (B, H, W, 3) -> [taps..., final normed] each (B, h, w, D)."""
+  def __call__(self, images: jax.Array) -> backbone.Features:
+    """images (B, H, W, 3) -> maps [taps..., final normed], each (B, h, w, D)."""
     x = self.patch_embed(images.astype(self.dtype))
     b, h, w, d = x.shape
     if (h, w) != self.grid:
@@ -132,58 +136,21 @@ class ViT(nnx.Module):
       x = block(x)
       features += [x] * self.taps.count(i)  # a repeated tap (tiny smoke configs) repeats x
     features.append(self.norm(x))
-    return [f.reshape(b, h, w, d) for f in features]
+    return backbone.Features(tuple(f.reshape(b, h, w, d) for f in features))
 
 
-def vit_params_from_torch(state_dict: Mapping[str, np.ndarray], prefix: str = 'backbone.') -> dict:
-  """Torch ViT state dict -> nested pure dict of `nnx.state(vit, nnx.Param)` (specs/mlore.md §8).
+_EXPLICIT = ('patch_size', 'embed_dim', 'depth', 'num_heads', 'taps')
 
-  Use with `nnx.replace_by_pure_dict(state, params)`. Sizes are read off the state dict
-  (`patch_embed.proj.weight`, `pos_embed`, number of `blocks.<i>`); every tensor's shape is checked
-  against them; values are cast to float32. Keys outside the ViT (decoder, heads) are ignored.
-  """
-  def get(key, shape=None):
-    full = prefix + key
-    if full not in state_dict:
-      raise KeyError(f'missing ViT weight {full!r} in the state dict (wrong prefix {prefix!r}?)')
-    value = np.asarray(state_dict[full], np.float32)
-    if shape is not None and value.shape != shape:
-      raise ValueError(f'{full}: shape {value.shape} does not match the expected {shape}')
-    return value
 
-  pe = get('patch_embed.proj.weight')
-  if pe.ndim != 4 or pe.shape[1] != 3 or pe.shape[2] != pe.shape[3]:
-    raise ValueError(f'{prefix}patch_embed.proj.weight: shape {pe.shape} is not (D, 3, p, p)')
-  d = pe.shape[0]
-  pos = get('pos_embed')
-  if pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != d:
-    raise ValueError(f'{prefix}pos_embed: shape {pos.shape} is not (1, N + 1, {d})')
-  block_ids = {int(k[len(prefix + 'blocks.'):].split('.')[0])
-               for k in state_dict if k.startswith(prefix + 'blocks.')}
-  if not block_ids:
-    raise KeyError(f'missing ViT weights {prefix}blocks.0.* in the state dict')
-  depth, hidden = max(block_ids) + 1, 4 * d
+def arch(cfg) -> dict:
+  """ViT sizes of `config.model.backbone`: VARIANTS[cfg.variant], or the explicit keys."""
+  return backbone.variant_arch(cfg, VARIANTS, _EXPLICIT, 'the ViT')
 
-  def linear(key, din, dout):
-    return {'kernel': layers.linear_kernel_from_torch(get(key + '.weight', (dout, din))),
-            'bias': get(key + '.bias', (dout,))}
 
-  def norm(key):
-    return {'scale': get(key + '.weight', (d,)), 'bias': get(key + '.bias', (d,))}
-
-  blocks = {}
-  for i in range(depth):
-    k = f'blocks.{i}.'
-    blocks[i] = {  # a missing block i < depth raises in get()
-        'norm1': norm(k + 'norm1'),
-        'attn': {'qkv': linear(k + 'attn.qkv', d, 3 * d), 'proj': linear(k + 'attn.proj', d, d)},
-        'norm2': norm(k + 'norm2'),
-        'mlp': {'fc1': linear(k + 'mlp.fc1', d, hidden), 'fc2': linear(k + 'mlp.fc2', hidden, d)},
-    }
-  return {
-      'patch_embed': {'kernel': layers.conv_kernel_from_torch(pe),
-                      'bias': get('patch_embed.proj.bias', (d,))},
-      'pos_embed': pos,
-      'blocks': blocks,
-      'norm': norm('norm'),
-  }
+def build(config, tasks=None, *, rngs: nnx.Rngs) -> ViT:
+  """The ViT of `config.model.backbone` (variant or explicit sizes, drop_path_rate) for
+  `config.input.crop_size` and `config.model.dtype`; `tasks` is unused (no task streams)."""
+  del tasks
+  return ViT(tuple(config.input.crop_size), **arch(config.model.backbone),
+             drop_path_rate=config.model.backbone.drop_path_rate,
+             dtype=jnp.dtype(config.model.dtype), rngs=rngs)

@@ -1,4 +1,4 @@
-r"""Δm of multi-task runs against single-task baselines (specs/datasets_metrics.md §5.1).
+r"""Δm of multi-task runs against single-task baselines (docs/datasets_metrics.md §5.1).
 
   python -m mtl_jax.tools.delta_m runs/mtlora_r64 --baselines=mtlora_swin_t_pascal
   python -m mtl_jax.tools.delta_m runs/seed0 runs/seed1 runs/seed2 \
@@ -12,7 +12,7 @@ normals mean angle, depth RMSE, edge odsF (``config.eval_boundary``).
 
 A run is a workdir (its `metrics.jsonl`: `eval/<task>/<metric>` per eval step) or, for runs of the
 user's MTLoRA fork, a `log_rank0.txt` (or a directory holding one), parsed as that fork's
-`compute_delta_m.py` does (specs/user_fork.md §7). Tasks default to those with a baseline.
+`compute_delta_m.py` does (docs/user_fork.md §7). Tasks default to those with a baseline.
 Writes OUTPUT.csv and OUTPUT.md (default: `delta_m` in the first run's directory): Δm per eval
 step and the best step of each run, and with several runs the mean ± std (ddof 1) of the best.
 """
@@ -31,14 +31,14 @@ METRICS = {'semseg': ('miou', False), 'human_parts': ('miou', False), 'sal': ('m
            'normals': ('mean', True), 'depth': ('rmse', True), 'edge': ('odsF', False)}
 # Single-task baselines by name.
 PRESETS = {
-    # MTLoRA paper, Swin-T IN-1k, single-task full fine-tuning (specs/datasets_metrics.md §5.3).
+    # MTLoRA paper, Swin-T IN-1k, single-task full fine-tuning (docs/datasets_metrics.md §5.3).
     'mtlora_swin_t_pascal': {'semseg': 67.21, 'human_parts': 61.93, 'sal': 62.35,
                              'normals': 17.97},
-    # The user fork's `--use-paper-st` values (specs/user_fork.md §7), depth included.
+    # The user fork's `--use-paper-st` values (docs/user_fork.md §7), depth included.
     'user_fork_paper_st': {'semseg': 67.21, 'human_parts': 61.93, 'sal': 62.35, 'normals': 17.97,
                            'depth': 0.6436},
 }
-# The user fork's task names and log lines (specs/user_fork.md §7).
+# The user fork's task names and log lines (docs/user_fork.md §7).
 FORK_TASKS = {'semseg': 'semseg', 'human': 'human_parts', 'saliency': 'sal', 'normals': 'normals',
               'depth': 'depth', 'edge': 'edge'}
 _EPOCH = re.compile(r'EPOCH\s+(\d+)\s+training takes')
@@ -234,5 +234,10 @@ def main(argv=None) -> int:
   return 0
 
 
-if __name__ == '__main__':
+def cli():
+  """Entry point of the console script (pyproject.toml) and of `python -m`."""
   sys.exit(main())
+
+
+if __name__ == '__main__':
+  cli()

@@ -1,4 +1,4 @@
-r"""Boundary ODS-F / OIS-F / AP of saved edge predictions (specs/datasets_metrics.md §4.5).
+r"""Boundary ODS-F / OIS-F / AP of saved edge predictions (docs/datasets_metrics.md §4.5).
 
   python -m mtl_jax.tools.eval_boundary --predictions=DIR --dataset=pascal_context \
       --gt=PASCALContext
@@ -230,7 +230,8 @@ def main(argv):
   print(f'wrote {output}')
 
 
-if __name__ == '__main__':
+def cli():
+  """Entry point of the console script (pyproject.toml) and of `python -m`."""
   # Flags are defined only when run as a program (importing `evaluate` defines none).
   flags.DEFINE_string('predictions', None, 'Directory of <id>.png edge predictions.')
   flags.DEFINE_enum('dataset', None, ['pascal_context', 'nyud_v2', 'synthetic_scenes'],
@@ -245,3 +246,7 @@ if __name__ == '__main__':
   flags.DEFINE_string('output', None, 'JSON path (default PREDICTIONS/boundary_metrics.json).')
   flags.mark_flags_as_required(['predictions', 'dataset'])
   app.run(main)
+
+
+if __name__ == '__main__':
+  cli()

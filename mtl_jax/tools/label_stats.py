@@ -9,7 +9,7 @@ the same TFDS dataset as training) and looks at each task of ``config.tasks`` as
 it before any augmentation: `transforms.select` + `transforms.add_ignore_regions` (the decoded
 labels with the references' ignore regions: human-part maps without parts and zero normals become
 255), no resize and no padding. Per task it prints (the port of the user's fork's
-`scripts/label_stats.py`, specs/user_fork.md §7):
+`scripts/label_stats.py`, docs/user_fork.md §7):
 
 * segmentation, saliency, edge: pixels, ignore (255) fraction, range of the other values, values
   outside 0..classes-1 (a decoding bug if any), the class histogram, and examples whose whole map
@@ -33,7 +33,7 @@ from mtl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 from mtl_jax import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
 from mtl_jax import transforms  # pylint: disable=g-import-not-at-top
 
-MAX_DEPTH_M = 80.0  # MLoRE's depth evaluation mask 0 < gt < 80 (specs/datasets_metrics.md §4.4)
+MAX_DEPTH_M = 80.0  # MLoRE's depth evaluation mask 0 < gt < 80 (docs/datasets_metrics.md §4.4)
 
 
 def _new_stats(task: tasks_lib.Task) -> dict:
@@ -80,8 +80,7 @@ def _update(stats: dict, task: tasks_lib.Task, label: np.ndarray) -> None:
 
 def compute(config, split: str, max_examples: int = 0) -> dict:
   """`summarize` of the first `max_examples` (0: all) examples of the configured `split`."""
-  from mtl_jax import train  # pylint: disable=g-import-not-at-top  (jax; only for dataset_kind)
-  tasks = tasks_lib.get_tasks(config.tasks, train.dataset_kind(config), config.convention)
+  tasks = tasks_lib.config_tasks(config)
   source = input_pipeline.open_data_source(config.dataset, split)
   count = min(max_examples, len(source)) if max_examples > 0 else len(source)
   return summarize(source, tasks, count)
@@ -153,7 +152,8 @@ def main(argv):
   print(format_report(stats, f'{config.dataset.name} {split}'))
 
 
-if __name__ == '__main__':
+def cli():
+  """Entry point of the console script (pyproject.toml) and of `python -m`."""
   # Flags are defined only when run as a program, so that importing `compute` (tests, notebooks)
   # does not clash with other tools' --config flag.
   config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:args]).',
@@ -162,3 +162,7 @@ if __name__ == '__main__':
   flags.DEFINE_integer('max_examples', 0, 'Read at most this many examples (0: the whole split).')
   flags.mark_flags_as_required(['config'])
   app.run(main)
+
+
+if __name__ == '__main__':
+  cli()

@@ -1,4 +1,7 @@
-r"""Parameter counts of a config, without allocating it: `python -m mtl_jax.tools.params --config=...`.
+r"""Parameter counts of a config, without allocating it.
+
+  python -m mtl_jax.tools.params --config=...
+
 
   python -m mtl_jax.tools.params --config=configs/demo.py
   python -m mtl_jax.tools.params --config=configs/mlore_pascal.py:vit=S
@@ -25,7 +28,7 @@ def count(config) -> dict[str, dict[str, int]]:
   from mtl_jax import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
   from mtl_jax import train  # pylint: disable=g-import-not-at-top
 
-  tasks = tasks_lib.get_tasks(config.tasks, train.dataset_kind(config), config.convention)
+  tasks = tasks_lib.config_tasks(config)
   model = nnx.eval_shape(lambda: models.build_model(config, tasks, rngs=nnx.Rngs(0)))
   frozen = train.frozen_filter(tuple(config.frozen))
   groups = collections.defaultdict(lambda: {'total': 0, 'trainable': 0})
@@ -54,9 +57,14 @@ def main(argv):
   print(f'total={groups["<all>"]["total"]} trainable={groups["<all>"]["trainable"]}')
 
 
-if __name__ == '__main__':
+def cli():
+  """Entry point of the console script (pyproject.toml) and of `python -m`."""
   # Flags are defined here, not at import, so the tools can be imported together (tests).
   config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py[:args]).',
                                   lock_config=True)
   flags.mark_flags_as_required(['config'])
   sys.exit(app.run(main))
+
+
+if __name__ == '__main__':
+  cli()

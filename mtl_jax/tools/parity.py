@@ -1,17 +1,18 @@
 r"""Parity with the official PyTorch code: `python -m mtl_jax.tools.parity FIXTURE.npz [--tol T]`.
 
-A fixture (specs/mlore.md §10, specs/mtlora.md §10) holds the parameters of a reduced reference
+A fixture (docs/mlore.md §10, docs/mtlora.md §10) holds the parameters of a reduced reference
 model as `param/<torch key>`, its `input` and golden arrays (`out/<task>`, intermediates) in torch
 layouts, with a `.json` sidecar describing the reduced config. This tool builds the matching
 mtl_jax model, converts every parameter, runs the eval-mode forward and prints, for every array it
 can compare, the max abs error and the max error relative to the array's max magnitude; it exits 1
 when any relative error exceeds `--tol` (default 1e-5).
 
-Model families plug in through three functions of their module (`mtl_jax/models/<family>.py`):
+Model families plug in through three functions of their conversion module
+(`mtl_jax/convert/<family>.py`, see mtl_jax/convert/__init__.py):
 
 * `config_from_reference(config, sidecar) -> config`: the mtl_jax config (model, tasks,
   convention, dataset, input size) of the fixture's reduced reference config;
-* `params_from_torch(state_dict, config) -> {'params': ..., 'batch_stats': ...}` (pure dicts);
+* `from_torch(state_dict, config) -> {'params': ..., 'batch_stats': ...}` (pure dicts);
 * `reference_arrays(model, images_nchw, config) -> {fixture key: array in torch layout}`.
 """
 
@@ -26,8 +27,8 @@ import numpy as np
 
 # Sidecar -> family module. MLoRE fixtures name the reference module, MTLoRA-family ones a kind.
 _FAMILIES = {
-    'mlore': 'mtl_jax.models.mlore',
-    'mtlora': 'mtl_jax.models.mtlora',
+    'mlore': 'mtl_jax.convert.mlore',
+    'mtlora': 'mtl_jax.convert.mtlora',
 }
 
 
@@ -60,9 +61,9 @@ def build_from_fixture(arrays: Mapping[str, np.ndarray], sidecar: Mapping):
 
   family = importlib.import_module(_FAMILIES[family_of(sidecar)])
   config = family.config_from_reference(common.get_config(), sidecar)
-  tasks = tasks_lib.get_tasks(config.tasks, config.dataset.name.split('/')[0], config.convention)
+  tasks = tasks_lib.config_tasks(config)
   state_dict = {k[len('param/'):]: v for k, v in arrays.items() if k.startswith('param/')}
-  weights = family.params_from_torch(state_dict, config)
+  weights = family.from_torch(state_dict, config)
   model = nnx.eval_shape(lambda: models.build_model(config, tasks, rngs=nnx.Rngs(0)))
   graphdef, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
   nnx.replace_by_pure_dict(params, weights['params'])
@@ -121,5 +122,10 @@ def main(argv=None) -> int:
   return 1 if failed else 0
 
 
-if __name__ == '__main__':
+def cli():
+  """Entry point of the console script (pyproject.toml) and of `python -m`."""
   sys.exit(main())
+
+
+if __name__ == '__main__':
+  cli()

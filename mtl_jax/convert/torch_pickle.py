@@ -1,4 +1,4 @@
-"""Reads PyTorch `.pth` files without torch and without running pickled code (specs/stack.md §8).
+"""Reads PyTorch `.pth` files without torch and without running pickled code (docs/stack.md §8).
 
 `torch.save` writes a zip archive `<name>/data.pkl` + `<name>/data/<key>` (one raw little-endian
 buffer per storage). `data.pkl` is a pickle whose tensors are calls to

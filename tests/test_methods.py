@@ -1,0 +1,114 @@
+"""The training-method and evaluator seams (mtl_jax/methods, mtl_jax/evaluators).
+
+The default method reproduces the trainer from before the seam bit for bit (golden scalars
+recorded with that trainer, commit 399af09, on this project's CPU machine kind); a method and an
+evaluator defined and registered here, in a test, run through the unchanged trainer with extra
+train state that is checkpointed and resumed.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import FIXTURES, smoke_config
+from configs import demo
+from mtl_jax import ConfigError
+from mtl_jax import evaluators
+from mtl_jax import input_pipeline
+from mtl_jax import methods
+from mtl_jax import reporting
+from mtl_jax import sharding
+from mtl_jax import train
+from mtl_jax.methods import mtl
+
+GOLDEN = os.path.join(FIXTURES, 'mtl_method_scalars.json')
+
+
+def _step_scalars(config, devices, steps=4):
+  trainer = train.Trainer(config, '/tmp/unused-workdir', jax.devices()[:devices])
+  batches = input_pipeline.make_train_iterator(config, trainer.tasks, source=trainer.train_source)
+  state, rows = trainer.init_state(), []
+  for _ in range(steps):
+    state, scalars = trainer.train_step(state, trainer.rest,
+                                        sharding.global_batch(next(batches), trainer.mesh))
+    rows.append({k: float(np.asarray(v)).hex() for k, v in jax.device_get(scalars).items()})
+  return rows
+
+
+@pytest.mark.parametrize('model, devices', [
+    ('vit_baseline', 1), pytest.param('vit_baseline', 2, marks=pytest.mark.slow),
+    pytest.param('mlore', 1, marks=pytest.mark.slow),
+    pytest.param('mlore', 2, marks=pytest.mark.slow)])
+def test_default_method_is_bit_identical_to_the_trainer_before_the_seam(tfds_dir, model, devices):
+  """4 train steps of configs/demo.py:smoke (+ drop path and router noise for MLoRE): every
+  logged scalar equals the pre-seam trainer's bit for bit."""
+  config = demo.get_config(f'smoke,model={model}')
+  config.dataset.update(name='synthetic_scenes/tiny', data_dir=tfds_dir, build_if_missing=False)
+  config.input.crop_size = (24, 32)
+  assert config.method == 'mtl'
+  with open(GOLDEN) as f:
+    want = json.load(f)[f'{model}/{devices}']
+  assert _step_scalars(config, devices) == want
+
+
+@methods.register('test_counting')
+class Counting(mtl.MTL):
+  """The default step, plus a step counter kept in the train state and logged."""
+
+  def init_extra(self, params):
+    return {'count': jnp.zeros((), jnp.int32)}
+
+  def train_step(self, state, rest, batch):
+    state, scalars = super().train_step(state, rest, batch)
+    count = state.extra['count'] + 1
+    return state.replace(extra={'count': count}), {**scalars, 'count': count.astype(jnp.float32)}
+
+
+@evaluators.register('test_examples')
+class SeenExamples(evaluators.Evaluator):
+  """Counts the valid examples of a pass and checks each carries its split position and size."""
+  host_tasks = ('semseg',)
+
+  def device_fn(self, preds, batch):
+    return jnp.sum(batch['example_valid'])
+
+  def start(self, step):
+    self.indices, self.on_device = [], 0
+
+  def add(self, batch, device_out, host_preds):
+    valid = batch['example_valid']
+    assert host_preds['semseg'].shape[0] == len(valid)
+    assert np.all(batch['original_size'][valid] == (24, 32))
+    assert np.all(batch['index'][~valid] == -1)
+    self.indices += batch['index'][valid].tolist()
+    self.on_device += int(device_out)
+
+  def finish(self):
+    assert sorted(self.indices) == list(range(len(self.ctx.source)))
+    return evaluators.Result(scalars={'test/examples': float(self.on_device)})
+
+
+@pytest.mark.slow
+def test_method_and_evaluator_registered_from_a_test_run_through_the_trainer(tfds_dir, tmp_path):
+  config = smoke_config(tfds_dir, method='test_counting',
+                        evaluators=('metrics', 'prediction_grid', 'test_examples'))
+  train.train_and_evaluate(config, tmp_path)
+  by_step = {line['step']: line for line in reporting.read_metrics(tmp_path)}
+  assert by_step[2]['train/count'] == 1.5 and by_step[6]['train/count'] == 5.5  # window means
+  assert by_step[6]['eval/test/examples'] == 4 and 'eval/semseg/miou' in by_step[6]
+  # The method's state is checkpointed: a longer rerun resumes the counter at 6.
+  config.total_steps = 8
+  train.train_and_evaluate(config, tmp_path)
+  assert reporting.read_metrics(tmp_path)[-1]['train/count'] == 7.5
+
+
+def test_unknown_method_and_evaluator_are_config_errors(tfds_dir, tmp_path):
+  with pytest.raises(ConfigError, match="unknown config.method 'maml'; known: .*mtl"):
+    train.Trainer(smoke_config(tfds_dir, method='maml'), tmp_path)
+  with pytest.raises(ConfigError, match="unknown config.evaluators entry 'fid'; known: .*metrics"):
+    train.Trainer(smoke_config(tfds_dir, evaluators=('metrics', 'fid')), tmp_path)
+  assert not any(tmp_path.iterdir()), 'bad input writes nothing'
