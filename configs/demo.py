@@ -15,13 +15,14 @@ Runtime on a 2-core CPU (the project's CI machine kind, 2026-11-21): dataset bui
 2500 steps at ~4 steps/s (~32 img/s) plus 6 evals: 12 min wall (11 min 57 s with the dataset
 already built).
 
-Eval on the validation split, step 0 -> step 2500 (deterministic on CPU; README.md repeats these):
-  semseg mIoU      0.51 -> 43.77   threshold >= 3x chance = 3 x 100/7 classes = 42.9
-  human_parts mIoU 0.43 -> 31.28   (only images with a figure count)
-  sal maxF        23.50 -> 81.85
-  normals mean    47.94 -> 14.98 deg threshold < 30 deg
-  depth RMSE      3.98 -> 0.899 m  threshold < 0.5 x rmse_predict_mean (1.969 m) = 0.985 m
-  edge loss      0.0701 -> 0.0593
+Eval on the validation split, step 0 -> step 2500 (deterministic on CPU; measured 2026-12-02 at
+commit 399af09, which the methods seam reproduces bit for bit; README.md repeats these):
+  semseg mIoU      0.51 -> 42.06   threshold >= 3x chance = 3 x 100/7 classes = 42.9 (missed)
+  human_parts mIoU 0.43 -> 29.19   (only images with a figure count)
+  sal maxF        23.50 -> 81.22
+  normals mean    47.94 -> 16.17 deg threshold < 30 deg
+  depth RMSE      3.98 -> 0.943 m  threshold < 0.5 x rmse_predict_mean (1.969 m) = 0.985 m
+  edge loss      0.0701 -> 0.0594
 Every task's final eval beats its step-0 eval; tests/test_train.py runs a shortened version.
 
 `model=vit_baseline`: the ViT alone with a 1x1 fuse of the 4 maps to 32 channels, x2 upsample and
