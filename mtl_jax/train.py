@@ -218,7 +218,6 @@ class Trainer:
       e.start(step)
     for local in eval_iter:
       device_out, host = self.eval_step(state, self.rest, sharding.global_batch(local, self.mesh))
-      device_out = jax.device_get(device_out)
       host = {name: _local_rows(x) for name, x in host.items()}
       for name, e in self.evaluators.items():
         e.add(local, device_out[name], host)

@@ -26,6 +26,7 @@ import pytest  # pylint: disable=g-import-not-at-top,g-bad-import-order
 @pytest.fixture(scope='session')
 def tfds_dir(tmp_path_factory):
   """A TFDS data dir with synthetic_scenes/tiny (8 + 4 images) and /ci (512 + 96), built once."""
+  import data_builders.synthetic_scenes  # noqa: F401  (registers the builder)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   data_dir = tmp_path_factory.mktemp('tfds')
   for name in ('tiny', 'ci'):

@@ -335,6 +335,7 @@ def test_cli_tfds_source(tmp_path):
 
 @pytest.mark.slow
 def test_cli_function_on_a_tfds_dataset(tmp_path):
+  import data_builders.nyud_v2  # noqa: F401  (registers the builder)
   fakes.write_nyud(tmp_path / 'manual')
   tfds.builder('nyud_v2', data_dir=str(tmp_path / 'tfds')).download_and_prepare(
       file_format='array_record',

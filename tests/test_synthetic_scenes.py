@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import data_builders.synthetic_scenes  # noqa: F401  (registers the builder)
 from data_builders.synthetic_scenes import render
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,8 @@ evaluator the batch; the evaluators own what they compute from it. The contract:
 
 `device_fn` runs on the global batch under jit (its output is replicated, e.g. sufficient
 statistics); `add` gets the process-local numpy batch (with ``index``, the example's position in
-the split, and ``original_size``, mtl_jax/input_pipeline.py), `device_out` as numpy and
+the split, and ``original_size``, mtl_jax/input_pipeline.py), `device_out` as replicated jax
+arrays (`jax.device_get` only what is used: nothing is copied to the host unasked) and
 `host_preds` {task: this process' rows, local batch order}. Scalars are written as
 `eval/<key>`, images as `eval/<key>` TensorBoard images. Evaluators are built once per
 `Trainer` from an `Context` (config, tasks, workdir, the eval data source).

@@ -49,7 +49,7 @@ class PredictionGrid(evaluators.Evaluator):
   def add(self, batch, device_out, host_preds) -> None:
     if self.sample is None:
       n = self.ctx.config.num_eval_images
-      self.sample = (jax.tree.map(lambda x: x[:n], batch), device_out)
+      self.sample = (jax.tree.map(lambda x: x[:n], batch), jax.device_get(device_out))
 
   def finish(self) -> evaluators.Result:
     if self.sample is None:

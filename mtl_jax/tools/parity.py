@@ -25,6 +25,8 @@ from typing import Mapping
 
 import numpy as np
 
+from mtl_jax import ConfigError
+
 # Sidecar -> family module. MLoRE fixtures name the reference module, MTLoRA-family ones a kind.
 _FAMILIES = {
     'mlore': 'mtl_jax.convert.mlore',
@@ -38,8 +40,9 @@ def family_of(sidecar: Mapping) -> str:
     return 'mlore'
   if sidecar.get('kind') in ('mtlora', 'mtlora_plus', 'swin'):
     return 'mtlora'
-  raise ValueError(f'cannot tell the model family of this fixture (module={sidecar.get("module")!r}'
-                   f', kind={sidecar.get("kind")!r})')
+  raise ConfigError(f'cannot tell the model family of this fixture (module='
+                    f'{sidecar.get("module")!r}, kind={sidecar.get("kind")!r}); supported: MLoRE, '
+                    'MTLoRA / MTLoRA+ / Swin fixtures')
 
 
 def load_fixture(path: str) -> tuple[dict[str, np.ndarray], dict]:
@@ -111,7 +114,11 @@ def main(argv=None) -> int:
   parser.add_argument('--tol', type=float, default=1e-5,
                       help='max error relative to each array\'s max magnitude (default 1e-5)')
   args = parser.parse_args(argv)
-  rows = run(args.fixture, args.tol)
+  try:
+    rows = run(args.fixture, args.tol)
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   width = max(len(k) for k, _, _ in rows)
   failed = [k for k, _, rel in rows if rel > args.tol]
   print(f'{"array":<{width}}  {"max abs err":>12}  {"max rel err":>12}')
