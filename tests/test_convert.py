@@ -388,6 +388,7 @@ def test_timm_vit_to_backbone(tmp_path, kind):
   assert not [p for p in os.listdir(tmp_path) if '.tmp-' in p]
 
 
+@pytest.mark.slow
 def test_converted_backbone_loads_into_trainer(tfds_dir, tmp_path):
   from mtl_jax import train  # pylint: disable=g-import-not-at-top
   config = smoke_config(tfds_dir)
@@ -514,6 +515,7 @@ def test_swin_imagenet_to_backbone(swin_t_imagenet, module, arg):
   assert info == {'dropped': 2 + 2 + 5, 'index_checked': 12, 'lora_kept_at_init': num_lora}
 
 
+@pytest.mark.slow
 def test_swin_imagenet_errors(swin_t_imagenet):
   config = _swin_config('mtlora_pascal', '')
   sd = dict(swin_t_imagenet)
@@ -527,10 +529,11 @@ def test_swin_imagenet_errors(swin_t_imagenet):
     convert.convert_state_dict(sd, 'swin_imagenet', config)
   assert '1 missing (layers.2.blocks.5.mlp.fc1.weight)' in str(e.value)
   assert 'relative_position_bias_table (225, 3) vs (169, 3)' in str(e.value)
-  with pytest.raises(ConfigError, match='needs config.model.name swin or mtlora'):
+  with pytest.raises(ConfigError, match='needs config.model.name swin, mtlora or'):
     convert.convert_state_dict(sd, 'swin_imagenet', smoke_config('unused'))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('module,arg', list(_SWIN_LISTINGS))
 def test_mtlora_listings_convert(module, arg):
   """Official MTLoRA / Swin key sets and shapes convert to exactly the config's model."""
@@ -586,6 +589,7 @@ def abstract_listing(name: str, prefix: str = 'module.') -> dict:
           for k, (shape, dtype, _) in read_listing(name).items()}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('listing', list(_MLORE_LISTINGS))
 def test_mlore_listings_convert(listing):
   """Every released MLoRE layout converts, abstractly, to exactly the config's model."""
@@ -754,6 +758,7 @@ def test_round_trip_timm_vit():
   assert_state_dicts_equal(vit_convert.to_torch(weights, config), want)
 
 
+@pytest.mark.slow
 def test_round_trip_swin_imagenet(swin_t_imagenet):
   import re  # pylint: disable=g-import-not-at-top
   from mtl_jax.convert import mtlora  # pylint: disable=g-import-not-at-top
@@ -798,6 +803,7 @@ def test_one_error_format(broken):
       r'\([\d, ]+\) vs \([\d, ]+\)\); check --format and --config', str(e.value)), str(e.value)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('name', ['mlore_pascal_tiny_seed0', 'mtlora_tiny_seed0'])
 def test_dataset_name_with_version(name, monkeypatch):
   """`pascal_context:1.0.0` (a TFDS name with its version) in convert and parity."""

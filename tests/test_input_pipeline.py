@@ -137,6 +137,7 @@ def test_iterator_state_restores_through_orbax_with_a_pytree(tmp_path):
   assert_batches_equal(expected, [next(restored) for _ in range(3)])
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches_and_restore():
   source = make_source(10)
   in_process = input_pipeline.make_train_iterator(make_config(), TASKS, source=source)

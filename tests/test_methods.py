@@ -1,7 +1,8 @@
 """The training-method and evaluator seams (mtl_jax/methods, mtl_jax/evaluators).
 
-The default method reproduces the trainer from before the seam bit for bit (golden scalars
-recorded with that trainer, commit 399af09, on this project's CPU machine kind); a method and an
+The default method reproduces the trainer from before the seam (golden scalars recorded with
+that trainer, commit 399af09): bit for bit on the machine that recorded them, to a few float32
+ulps on others (XLA:CPU's code, and with it the last bit, depends on the CPU model); a method and an
 evaluator defined and registered here, in a test, run through the unchanged trainer with extra
 train state that is checkpointed and resumed.
 """
@@ -45,14 +46,17 @@ def _step_scalars(config, devices, steps=4):
     pytest.param('mlore', 2, marks=pytest.mark.slow)])
 def test_default_method_is_bit_identical_to_the_trainer_before_the_seam(tfds_dir, model, devices):
   """4 train steps of configs/demo.py:smoke (+ drop path and router noise for MLoRE): every
-  logged scalar equals the pre-seam trainer's bit for bit."""
+  logged scalar equals the pre-seam trainer's (module docstring)."""
   config = demo.get_config(f'smoke,model={model}')
   config.dataset.update(name='synthetic_scenes/tiny', data_dir=tfds_dir, build_if_missing=False)
   config.input.crop_size = (24, 32)
   assert config.method == 'mtl'
   with open(GOLDEN) as f:
     want = json.load(f)[f'{model}/{devices}']
-  assert _step_scalars(config, devices) == want
+  got = _step_scalars(config, devices)
+  assert [sorted(row) for row in got] == [sorted(row) for row in want]
+  as_floats = lambda rows: np.array([[float.fromhex(r[k]) for k in sorted(r)] for r in rows])
+  np.testing.assert_allclose(as_floats(got), as_floats(want), rtol=1e-6, atol=0)
 
 
 @methods.register('test_counting')

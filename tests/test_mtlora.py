@@ -132,6 +132,7 @@ def test_parity_mtlora_with_official_model():
       + [f'feat/{s}/stage{i}' for s in ('shared',) + tasks for i in range(4)])
 
 
+@pytest.mark.slow
 def test_parity_lora_layer_subset_with_official_model():
   """LoRA on qkv and fc2 only (the reference's PROJ/FC1_ENABLED False): fc2's task streams see
   the shared hidden state and get no attention residual (swin.SwinBlock)."""

@@ -20,6 +20,7 @@ from mtl_jax.tools import eval_boundary
 ORIGINAL = (24, 32)
 
 
+@pytest.mark.slow
 def test_eval_saves_predictions_and_scores_boundaries(tfds_dir, tmp_path):
   """An eval pass with ``save_predictions`` and ``eval_boundary`` on padded inputs: one file
   per image and task at the original size, and the in-training odsF equals the boundary tool's

@@ -22,7 +22,6 @@ from mtl_jax import input_pipeline
 from mtl_jax import reporting
 from mtl_jax import sharding
 from mtl_jax import train
-from mtl_jax.convert import mtlora
 from mtl_jax.models import swin
 from mtl_jax.tools import params
 from mtl_jax.tools import parity
@@ -85,7 +84,7 @@ def test_parity_swin_decoder_with_official_model():
 
 
 def parity_rows(name: str):
-  """(parity.compare rows, config) of the MTLoRA-family slim fixture `name`, every row's relative
+  """(parity.compare rows, config) of the Swin-family slim fixture `name`, every row's relative
   error asserted <= 1e-5. Slims hold arrays cropped as tests/fixtures/make_slim.py crops them."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   import re  # pylint: disable=g-import-not-at-top
@@ -96,8 +95,7 @@ def parity_rows(name: str):
   with open(os.path.join(FIXTURES, f'{name}.json')) as f:
     sidecar = json.load(f)
   model, config, family = parity.build_from_fixture(arrays, sidecar)
-  assert family is mtlora
-  got = mtlora.reference_arrays(model, arrays['input'], config)
+  got = family.reference_arrays(model, arrays['input'], config)
   spec = importlib.util.spec_from_file_location('make_slim', os.path.join(FIXTURES, 'make_slim.py'))
   make_slim = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(make_slim)
@@ -118,10 +116,10 @@ def test_freeze_backbone_trains_only_the_decoders():
 
 # -- the trainer on the smoke configs --------------------------------------------------------------
 
-def train_three_steps(config, tfds_dir, tmp_path) -> None:
+def train_three_steps(config, tfds_dir, tmp_path) -> set[str]:
   """Three real train steps (mtl_jax/train.py) on 2 devices: frozen leaves stay bit-identical,
   most trainable leaves move, and the optimizer (AdamW: mu, nu) holds state for the trainable
-  parameters only."""
+  parameters only. Returns the paths of the leaves that moved."""
   config.dataset.update(name='synthetic_scenes/tiny', data_dir=tfds_dir, build_if_missing=False)
   trainer = train.Trainer(config, tmp_path, jax.devices()[:2])
   state = trainer.init_state()
@@ -139,13 +137,14 @@ def train_three_steps(config, tfds_dir, tmp_path) -> None:
   frozen0, frozen1, params0, params1 = map(flat, (frozen0, state.frozen, params0, state.params))
   for key, value in frozen0.items():
     assert np.array_equal(frozen1[key], value), f'{key} moved'
-  moved = sum(not np.array_equal(params1[k], v) for k, v in params0.items())
-  assert moved > len(params0) // 2, (moved, len(params0))
+  moved = {k for k, v in params0.items() if not np.array_equal(params1[k], v)}
+  assert len(moved) > len(params0) // 2, (len(moved), len(params0))
   counts = params.count(config)['<all>']
   assert sum(v.size for v in params0.values()) == counts['trainable']
   assert sum(v.size for v in frozen0.values()) == counts['total'] - counts['trainable']
   opt_sizes = [np.size(x) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) > 0]
   assert sum(opt_sizes) == 2 * counts['trainable']
+  return moved
 
 
 @pytest.mark.slow

@@ -53,6 +53,7 @@ def test_shortened_demo_learns_every_task(tfds_dir, tmp_path):
 
 # -- reports ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_smoke_run_writes_every_report(tfds_dir, tmp_path):
   train.train_and_evaluate(smoke_config(tfds_dir), tmp_path)
   lines = reporting.read_metrics(tmp_path)

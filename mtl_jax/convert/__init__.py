@@ -8,7 +8,8 @@ Layout:
                    disassembling weights, the config's abstract model;
   vit.py           timm ViT (state dict, AugReg `.npz`, safetensors) and the MLoRE ViT backbone;
   mlore.py         MLoRE (docs/mlore.md §8, §10);
-  mtlora.py        Swin ImageNet, the Swin multi-task baseline, MTLoRA(+) (docs/mtlora.md §7, §10).
+  mtlora.py        Swin ImageNet, the Swin multi-task baseline, MTLoRA(+) (docs/mtlora.md §7, §10);
+  promlora.py      the user fork's ProMLoRA (docs/user_fork.md §2).
 Models stay pure (mtl_jax/models has no conversion code).
 
 A family module exposes:
@@ -22,7 +23,7 @@ A family module exposes:
   and, for `python -m mtl_jax.tools.parity`, config_from_reference(config, sidecar) and
   reference_arrays(model, images_nchw, config).
 
-Adding a family (ProMLoRA, say): write mtl_jax/convert/<family>.py with the functions above (its
+Adding a family: write mtl_jax/convert/<family>.py with the functions above (its
 table from keys.py's `*_entries` helpers, as mlore.py, or read off the abstract model with
 `keys.model_entries`, as mtlora.py), add the module to `FAMILIES` below, and, for fixtures, its
 sidecar kind to `family_of` in mtl_jax/tools/parity.py.
@@ -41,10 +42,11 @@ import safetensors.numpy
 from mtl_jax import ConfigError
 from mtl_jax.convert import mlore
 from mtl_jax.convert import mtlora
+from mtl_jax.convert import promlora
 from mtl_jax.convert import torch_pickle
 from mtl_jax.convert import vit
 
-FAMILIES = (vit, mlore, mtlora)
+FAMILIES = (vit, mlore, mtlora, promlora)
 # --format name -> convert(state_dict, config) -> (params, batch_stats, info).
 FORMATS = {name: fn for family in FAMILIES for name, fn in family.FORMATS.items()}
 

@@ -108,7 +108,8 @@ def model_entries(model: nnx.Module, key_of: Callable[[tuple], str],
                   prefix: tuple = ()) -> list[Entry]:
   """One entry per variable of an (abstract) model whose torch names follow its paths: key
   `key_of(path)`, layout 'conv' for 4-D kernels, 'linear' for 2-D ones (Linear, LoRA A / B;
-  not the relative position bias tables), else 'same'. `prefix` goes before every path."""
+  not the relative position bias tables), else (and for ProMLoRA's prompts) 'same'. `prefix`
+  goes before every path."""
   out = []
   for collection, kind in (('params', nnx.Param), ('batch_stats', nnx.BatchStat)):
     for path, variable in nnx.to_flat_state(nnx.state(model, kind)):
@@ -116,7 +117,8 @@ def model_entries(model: nnx.Module, key_of: Callable[[tuple], str],
       if skip(path):
         continue
       shape = tuple(variable.shape)
-      layout = ('conv' if len(shape) == 4 else 'linear' if len(shape) == 2
+      prompt = any('prompt' in str(p) for p in path)  # ProMLoRA's prompts, pools and gates
+      layout = ('same' if prompt else 'conv' if len(shape) == 4 else 'linear' if len(shape) == 2
                 and str(path[-1]) != 'relative_position_bias_table' else 'same')
       out.append(Entry(key_of(path), torch_shape(layout, shape), collection, prefix + path,
                        layout))

@@ -13,7 +13,8 @@ recomputed from the geometry).
 * `imagenet_from_torch` / `imagenet_to_torch`: Microsoft's Swin ImageNet `model` <-> the Swin
   backbone, `--format=swin_imagenet` (§7): names without `backbone.` and without MTLoRALinear's
   `.linear`; LoRA matrices keep their initialisation (B = 0: the adapted model starts at the
-  pretrained backbone); `attn_mask`, the final `norm` and the `head` are dropped.
+  pretrained backbone; ProMLoRA's prompts too); `attn_mask`, the `head` and the final `norm`
+  (kept where the backbone has one: ProMLoRA's) are dropped.
 * `config_from_reference`, `reference_arrays`: the parity family (mtl_jax/tools/parity.py).
 """
 
@@ -119,28 +120,38 @@ def _convert(state_dict, config):
 
 # -- Swin ImageNet -> the backbone -----------------------------------------------------------------
 
-def _is_lora(path: tuple) -> bool:
-  return any(str(p).startswith('lora_') for p in path)
+def _is_adapter(path: tuple) -> bool:
+  """LoRA matrices and ProMLoRA prompts: not in an ImageNet checkpoint."""
+  return any(str(p).startswith('lora_') or 'prompt' in str(p) for p in path)
 
 
 def _imagenet_backbone(config) -> nnx.Module:
-  if config.model.name not in ('swin', 'mtlora'):
-    raise ConfigError(f'--format=swin_imagenet needs config.model.name swin or mtlora, not '
-                      f'{config.model.name!r}')
+  if config.model.name not in ('swin', 'mtlora', 'promlora'):
+    raise ConfigError(f'--format=swin_imagenet needs config.model.name swin, mtlora or '
+                      f'promlora, not {config.model.name!r}')
   return keys.abstract_model(config).backbone
+
+
+def _imagenet_ignored(backbone: nnx.Module, key: str) -> bool:
+  """Dropped ImageNet keys; the final `norm` is kept where the backbone has one (ProMLoRA's,
+  loaded as the fork's `--resume-backbone` does)."""
+  if hasattr(backbone, 'norm') and re.fullmatch(r'norm\.(weight|bias)', key):
+    return False
+  return bool(IMAGENET_IGNORED.fullmatch(key))
 
 
 def _imagenet_from_torch(state_dict, config) -> tuple[dict, dict]:
   backbone = _imagenet_backbone(config)
   sd = keys.strip_prefix(state_dict)
-  kept = {k: v for k, v in sd.items() if not IMAGENET_IGNORED.fullmatch(k)}
+  kept = {k: v for k, v in sd.items() if not _imagenet_ignored(backbone, k)}
   index = _check_index_buffers(kept, backbone, imagenet_key)
   kept = {k: v for k, v in kept.items() if k not in index}
-  table = keys.model_entries(backbone, imagenet_key, skip=_is_lora, prefix=('backbone',))
+  table = keys.model_entries(backbone, imagenet_key, skip=_is_adapter, prefix=('backbone',))
   weights = keys.from_torch(kept, table, 'Swin ImageNet -> config backbone', _HINT)
-  lora = sum(_is_lora(tuple(p)) for p, _ in nnx.to_flat_state(nnx.state(backbone, nnx.Param)))
+  adapters = sum(_is_adapter(tuple(p))
+                 for p, _ in nnx.to_flat_state(nnx.state(backbone, nnx.Param)))
   return weights, {'dropped': len(sd) - len(kept) - len(index), 'index_checked': len(index),
-                   'lora_kept_at_init': lora}
+                   'lora_kept_at_init': adapters}
 
 
 def imagenet_from_torch(state_dict: Mapping[str, np.ndarray], config) -> dict[str, dict]:
@@ -152,7 +163,7 @@ def imagenet_to_torch(weights: Mapping[str, Mapping], config) -> dict[str, np.nd
   """The non-LoRA backbone of `weights` -> Swin ImageNet names (with relative_position_index,
   without attn_mask / norm / head)."""
   backbone = _imagenet_backbone(config)
-  table = keys.model_entries(backbone, imagenet_key, skip=_is_lora, prefix=('backbone',))
+  table = keys.model_entries(backbone, imagenet_key, skip=_is_adapter, prefix=('backbone',))
   return {**keys.to_torch(weights, table), **_index_buffers(backbone, imagenet_key)}
 
 
@@ -262,7 +273,7 @@ def reference_arrays(model: multitask.MultiTaskModel, images_nchw: np.ndarray, c
     x = np.asarray(x)
     return x.reshape(x.shape[0], -1, x.shape[-1])
 
-  tasks = model.decoder.tasks if config.model.name == 'mtlora' else ()
+  tasks = model.decoder.tasks if config.model.name in ('mtlora', 'promlora') else ()
   for i, shared in enumerate(features.maps):
     arrays[f'feat/shared/stage{i}'] = tokens(shared)
   # A stage without task streams hands every task the shared map (as the reference's backbone).

@@ -18,6 +18,7 @@ from flax import nnx
 from mtl_jax import ConfigError
 from mtl_jax.models import mlore
 from mtl_jax.models import mtlora
+from mtl_jax.models import promlora
 from mtl_jax.models import multitask
 from mtl_jax.models import swin
 from mtl_jax.models import vit
@@ -35,6 +36,8 @@ MODELS = {
     # Swin + per-task HRNet heads (docs/mtlora.md §1, §3); the same with MTLoRA (§2).
     'swin': (swin.build, mtlora.build_decoder),
     'mtlora': (mtlora.build_backbone, mtlora.build_decoder),
+    # The user fork's ProMLoRA: shared LoRA + deep per-task prompts (docs/user_fork.md §2).
+    'promlora': (promlora.build_backbone, mtlora.build_decoder),
 }
 
 

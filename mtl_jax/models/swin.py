@@ -28,7 +28,7 @@ computation dtype, parameters are float32.
 """
 
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -172,8 +172,19 @@ class WindowAttention(nnx.Module):
     self.qkv = qkv
     self.proj = proj
 
-  def __call__(self, windows: jax.Array, mask: np.ndarray | None = None
+  def prompt_kv(self, prompts: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values (G, T, heads, hd) of (already normed) prompt tokens (G, T, C)."""
+    g, t, c = prompts.shape
+    qkv, _ = apply_linear(self.qkv, prompts)
+    qkv = qkv.reshape(g, t, 3, self.num_heads, c // self.num_heads)
+    return qkv[:, :, 1], qkv[:, :, 2]
+
+  def __call__(self, windows: jax.Array, mask: np.ndarray | None = None,
+               prompt_kv: tuple[jax.Array, jax.Array] | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`prompt_kv` (ProMLoRA, promlora.py): (k, v) of G prompt sets (`prompt_kv`); the batch is
+    G groups of B / G images and every window of group g also attends to group g's T prompt
+    keys, with zero bias and zero mask (docs/user_fork.md §2)."""
     b, nw, n, c = windows.shape
     qkv, _ = apply_linear(self.qkv, windows)
     qkv = qkv.reshape(b, nw, n, 3, self.num_heads, c // self.num_heads)
@@ -185,9 +196,20 @@ class WindowAttention(nnx.Module):
     logits = logits + bias.transpose(2, 0, 1).astype(logits.dtype)
     if mask is not None:
       logits = logits + jnp.asarray(mask, logits.dtype)[:, None]
-    attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
-    out = jnp.einsum('bwhqk,bwkhd->bwqhd', attn, v).reshape(b, nw, n, c)
-    return apply_linear(self.proj, out)
+    if prompt_kv is None:
+      attn = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)
+      out = jnp.einsum('bwhqk,bwkhd->bwqhd', attn, v)
+    else:
+      k_p, v_p = prompt_kv
+      g, t = k_p.shape[:2]
+      q = q.reshape(g, b // g, nw, n, self.num_heads, c // self.num_heads)
+      logits_p = jnp.einsum('gbwqhd,gkhd->gbwhqk', q, k_p).reshape(b, nw, self.num_heads, n, t)
+      attn = jax.nn.softmax(jnp.concatenate([logits_p, logits], -1).astype(jnp.float32),
+                            axis=-1).astype(v.dtype)
+      attn_p = attn[..., :t].reshape(g, b // g, nw, self.num_heads, n, t)
+      out_p = jnp.einsum('gbwhqk,gkhd->gbwqhd', attn_p, v_p).reshape(v.shape)
+      out = out_p + jnp.einsum('bwhqk,bwkhd->bwqhd', attn[..., t:], v)
+    return apply_linear(self.proj, out.reshape(b, nw, n, c))
 
 
 class Mlp(nnx.Module):
@@ -221,12 +243,16 @@ class SwinBlock(nnx.Module):
     # timm DropPath: one mask per sample, kept samples scaled by 1 / keep; a fresh mask per call.
     self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> Streams:
+  def __call__(self, x: jax.Array, prompts: jax.Array | None = None) -> Streams:
+    """`prompts` (G, T, C): ProMLoRA's deep prompts of this block for G groups of the batch
+    (WindowAttention); they are LayerNorm'd with norm1 like the image tokens."""
     (h, w), ws, s = self.resolution, self.window_size, self.shift
     y = self.norm1(x)
     if s:
       y = jnp.roll(y, (-s, -s), axis=(1, 2))
-    out, out_tasks = self.attn(window_partition(y, ws), shift_mask(h, w, ws, s) if s else None)
+    prompt_kv = None if prompts is None else self.attn.prompt_kv(self.norm1(prompts))
+    out, out_tasks = self.attn(window_partition(y, ws), shift_mask(h, w, ws, s) if s else None,
+                               prompt_kv)
 
     def to_map(windows):
       windows = window_reverse(windows, ws, h, w)
@@ -273,9 +299,10 @@ class SwinStage(nnx.Module):
                                    use_bias=False, dtype=dtype, rngs=rngs),
         dtype=dtype, rngs=rngs) if merge else None
 
-  def __call__(self, x: jax.Array) -> Streams:
-    for block in self.blocks:  # only the last block's task streams are kept (mtlora.md §2.2)
-      x, x_tasks = block(x)
+  def __call__(self, x: jax.Array, prompts: Sequence[jax.Array] | None = None) -> Streams:
+    """`prompts`: one (G, T, C) prompt set per block (ProMLoRA) or None."""
+    for j, block in enumerate(self.blocks):  # only the last block's task streams are kept
+      x, x_tasks = block(x, None if prompts is None else prompts[j])  # (mtlora.md §2.2)
     if self.downsample is not None:
       x = self.downsample(x)
       x_tasks = {t: self.downsample(v) for t, v in x_tasks.items()}

@@ -31,18 +31,21 @@ from mtl_jax import ConfigError
 _FAMILIES = {
     'mlore': 'mtl_jax.convert.mlore',
     'mtlora': 'mtl_jax.convert.mtlora',
+    'promlora': 'mtl_jax.convert.promlora',
 }
 
 
 def family_of(sidecar: Mapping) -> str:
-  """'mlore' or 'mtlora' from a fixture sidecar."""
+  """'mlore', 'mtlora' or 'promlora' from a fixture sidecar."""
   if str(sidecar.get('module', '')).lower().startswith('mlore'):
     return 'mlore'
   if sidecar.get('kind') in ('mtlora', 'mtlora_plus', 'swin'):
     return 'mtlora'
+  if sidecar.get('kind') == 'promlora':
+    return 'promlora'
   raise ConfigError(f'cannot tell the model family of this fixture (module='
                     f'{sidecar.get("module")!r}, kind={sidecar.get("kind")!r}); supported: MLoRE, '
-                    'MTLoRA / MTLoRA+ / Swin fixtures')
+                    'MTLoRA / MTLoRA+ / Swin and ProMLoRA fixtures')
 
 
 def load_fixture(path: str) -> tuple[dict[str, np.ndarray], dict]:
