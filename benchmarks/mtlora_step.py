@@ -15,6 +15,7 @@ date and command.
 """
 
 import os
+import resource
 import sys
 import tempfile
 
@@ -39,7 +40,8 @@ _DATA_DIR = flags.DEFINE_string('data_dir', os.path.join(tempfile.gettempdir(), 
                                 'TFDS data dir for synthetic_scenes/tiny.')
 
 
-def _time(name: str, config) -> None:
+def time_config(name: str, config) -> None:
+  """Prints compile time, median and fastest step of `config` at --batch_size in fp32."""
   config.batch_size = _BATCH.value
   config.model.dtype = 'float32'
   config.dataset.update(name='synthetic_scenes/tiny', data_dir=_DATA_DIR.value,
@@ -52,16 +54,17 @@ def _time(name: str, config) -> None:
   print(f'{name} 448x448 batch {_BATCH.value} fp32 ({counts["trainable"]:,} of '
         f'{counts["total"]:,} params trainable) | first step (compile) {compile_s:.1f} s | '
         f'median {med * 1e3:.0f} ms/step (min {fastest * 1e3:.0f}) | '
-        f'{_BATCH.value / med:.3f} img/s', flush=True)
+        f'{_BATCH.value / med:.3f} img/s | peak RSS '
+        f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB', flush=True)
 
 
 def main(argv):
   del argv
   plus = ',plus' if _PLUS.value else ''
-  _time(f'MTLoRA{"+" if _PLUS.value else ""} r{_RANK.value} Swin-T',
+  time_config(f'MTLoRA{"+" if _PLUS.value else ""} r{_RANK.value} Swin-T',
         mtlora_pascal.get_config(f'rank={_RANK.value}{plus}'))
   if _SWIN.value:
-    _time('Swin-T full fine-tuning', swin_pascal.get_config())
+    time_config('Swin-T full fine-tuning', swin_pascal.get_config())
 
 
 if __name__ == '__main__':

@@ -138,6 +138,53 @@ def _literal_features(backbone: promlora.PromptedSwin, images, task_index: int):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('name', ['promlora_dynamic_seed3', 'promlora_nyud_seed5'])
+def test_parity_of_variants_with_the_forks_model(name):
+  """Fixtures from the fork's code (tests/fixtures/fork_variants.py): dynamic per-stage pools
+  (5, 6, 7, 8) with gates; NYUD's four heads (edge included) on a 224x336 input."""
+  rows, config = parity_rows(name)
+  assert sorted(k for k, _, _ in rows) == sorted(f'out/{t}' for t in config.tasks.split(','))
+  if name == 'promlora_dynamic_seed3':
+    assert tuple(config.model.promlora.pool_sizes) == (5, 6, 7, 8)
+  else:
+    assert tuple(config.input.crop_size) == (224, 336)
+
+
+@pytest.mark.slow
+def test_gradients_equal_the_forks():
+  """d/dθ of L = sum_t sum(out_t[::8, ::8] * W_t) in eval mode, for every trainable parameter of
+  the fork's recipe, against torch's (tests/fixtures/fork_variants.py: the shipped fixture's
+  weights and input): <= 1e-3 of each gradient's max magnitude."""
+  model, config, arrays = _fixture_model()
+  want = dict(np.load(os.path.join(FIXTURES, 'promlora_grad_seed0_slim.npz')))
+  images = jnp.asarray(arrays['input'].transpose(0, 2, 3, 1))
+  weights = {k[len('lossweight/'):]: jnp.asarray(v.transpose(0, 2, 3, 1))
+             for k, v in want.items() if k.startswith('lossweight/')}
+  graph, params_, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def grads(params_):
+    def loss(p):
+      out = nnx.merge(graph, p, rest)(images)[0]
+      return sum(jnp.sum(out[t][:, ::8, ::8] * w) for t, w in weights.items())
+    return jax.grad(loss)(params_)
+
+  got = promlora_convert.to_torch({'params': nnx.to_pure_dict(grads(params_))}, config)
+  trainable = _sidecar()['trainable_params_after_recipe']
+  assert sorted(k[len('grad/'):] for k in want if k.startswith('grad/')) == sorted(trainable)
+  worst = 0.0
+  for key in trainable:
+    g, w = got[key], want[f'grad/{key}']
+    scale = np.abs(w).max()
+    if scale == 0:  # backbone.norm: unused in the forward
+      assert np.abs(g).max() == 0, key
+      continue
+    worst = max(worst, float(np.abs(g - w).max() / scale))
+  print(f'max gradient error / max |gradient|: {worst:.2e} over {len(trainable)} parameters')
+  assert worst <= 1e-3, worst
+
+
+@pytest.mark.slow
 def test_simplified_attention_equals_the_literal_formulation():
   """Prompt keys / values once per block and task over a (tasks x batch) stack == the fork's
   per-task passes with prompts copied into every window (on the fixture's weights), and both
