@@ -12,9 +12,9 @@ L1 on normalised normals — the reference's, without their ignore-region bookke
 
 import argparse
 import os
-import statistics
 import sys
-import time
+
+import timing  # benchmarks/timing.py (this script's folder is on sys.path)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests',
                                 'fixtures'))
@@ -80,17 +80,10 @@ def main():
     torch.nn.utils.clip_grad_norm_(trainable, 5.0)
     opt.step()
 
-  t0 = time.perf_counter()
-  step()
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(args.steps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  med = statistics.median(times)
+  first, med, fastest = timing.time_steps(step, args.steps)
   print(f'official MTLoRA r64 Swin-T 448x448 batch 2 fp32 | first step {first:.1f} s | median '
-        f'{med * 1e3:.0f} ms/step (min {min(times) * 1e3:.0f}) | {2 / med:.3f} img/s')
+        f'{med * 1e3:.0f} ms/step (min {fastest * 1e3:.0f}) | {2 / med:.3f} img/s | peak RSS '
+        f'{timing.peak_rss_mib():.0f} MiB')
 
 
 if __name__ == '__main__':

@@ -17,10 +17,9 @@ process's peak RSS.
 
 import argparse
 import os
-import resource
-import statistics
 import sys
-import time
+
+import timing  # benchmarks/timing.py (this script's folder is on sys.path)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'tests',
                                 'fixtures'))
@@ -71,19 +70,10 @@ def main():
     torch.nn.utils.clip_grad_norm_(trainable, cfg.TRAIN.CLIP_GRAD)
     opt.step()
 
-  t0 = time.perf_counter()
-  step()
-  first = time.perf_counter() - t0
-  times = []
-  for _ in range(args.steps):
-    t0 = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t0)
-  med = statistics.median(times)
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB (Linux)
+  first, med, fastest = timing.time_steps(step, args.steps)
   print(f'fork ProMLoRA-T r32 prom50 448x{hw[1]} batch 2 fp32 | first step {first:.1f} s | '
-        f'median {med * 1e3:.0f} ms/step (min {min(times) * 1e3:.0f}) over {len(times)} | '
-        f'{2 / med:.3f} img/s | peak RSS {rss:.0f} MiB')
+        f'median {med * 1e3:.0f} ms/step (min {fastest * 1e3:.0f}) over {args.steps} | '
+        f'{2 / med:.3f} img/s | peak RSS {timing.peak_rss_mib():.0f} MiB')
 
 
 if __name__ == '__main__':

@@ -76,3 +76,20 @@ def launch_env(num_devices=2):
   return env
 
 
+
+
+def sigkill_after_checkpoint(args, checkpoint_dir, timeout_s=600, **popen_kwargs) -> None:
+  """Starts `args`, waits until `checkpoint_dir` exists and SIGKILLs the run (asserting it was
+  still running: a run that ended first would prove nothing)."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          **popen_kwargs)
+  deadline = time.time() + timeout_s
+  while not os.path.isdir(checkpoint_dir):
+    assert proc.poll() is None and time.time() < deadline, 'run ended before its checkpoint'
+    time.sleep(0.01)
+  assert proc.poll() is None, 'the run finished before it could be killed'
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()

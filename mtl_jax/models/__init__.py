@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from flax import nnx
 
 from mtl_jax import ConfigError
+from mtl_jax import xla_cpu
 from mtl_jax.models import mlore
 from mtl_jax.models import mtlora
 from mtl_jax.models import promlora
@@ -23,6 +24,9 @@ from mtl_jax.models import multitask
 from mtl_jax.models import swin
 from mtl_jax.models import vit
 from mtl_jax.tasks import Task
+
+# Dropout masks: jax's unrolled threefry on CPU too (same bits, ~3x faster; mtl_jax/xla_cpu.py).
+xla_cpu.unroll_threefry()
 
 # Backbone families: build(config, tasks, *, rngs) -> a module honouring models/backbone.py.
 BACKBONES = {'vit': vit.build, 'swin': swin.build}

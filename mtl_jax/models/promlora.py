@@ -110,7 +110,7 @@ class PromptedSwin(swin.SwinTransformer):
           for n, d in zip(blocks, dims)])
     self.prompt_dropout = nnx.Dropout(dropout, rngs=rngs)
     # The fork's unused final LayerNorm (kept for checkpoints and counts, module docstring).
-    self.norm = swin._layer_norm(dims[-1], self.dtype, rngs)  # pylint: disable=protected-access
+    self.norm = swin.layer_norm(dims[-1], self.dtype, rngs)
 
   def deep_prompts(self, stage: int) -> jax.Array:
     """(G, n_s, T, C_s): the deep prompts of `stage` for every prompt set."""
@@ -135,7 +135,7 @@ class PromptedSwin(swin.SwinTransformer):
         prompts.insert(0, self.prompt_dropout(shallow.astype(self.dtype)))
       x, _ = stage(x, prompts)
       maps.append(x.reshape(g, b, *x.shape[1:]))
-    if g == 1 and self.keys == ('shared',):
+    if self.keys == ('shared',):
       return backbone_lib.Features(tuple(m[0] for m in maps), tuple({} for _ in maps))
     return backbone_lib.Features(tuple(m[0] for m in maps),
                                  tuple({t: m[i] for i, t in enumerate(self.tasks)} for m in maps))

@@ -72,7 +72,7 @@ def apply_linear(layer: nnx.Module, x: jax.Array, x_tasks: Mapping[str, jax.Arra
   return layer(x), {}
 
 
-def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(dim, epsilon=1e-5, use_fast_variance=False, dtype=dtype, rngs=rngs)
 
 
@@ -151,7 +151,7 @@ class PatchEmbed(nnx.Module):
 
   def __init__(self, patch_size: int, embed_dim: int, *, dtype, rngs: nnx.Rngs):
     self.proj = layers.conv(3, embed_dim, patch_size, stride=patch_size, dtype=dtype, rngs=rngs)
-    self.norm = _layer_norm(embed_dim, dtype, rngs)
+    self.norm = layer_norm(embed_dim, dtype, rngs)
 
   def __call__(self, images: jax.Array) -> jax.Array:
     return self.norm(self.proj(images))
@@ -235,10 +235,10 @@ class SwinBlock(nnx.Module):
     self.resolution = tuple(resolution)
     self.window_size, self.shift = block_window(self.resolution, window_size, shift)
     hidden = int(dim * mlp_ratio)
-    self.norm1 = _layer_norm(dim, dtype, rngs)
+    self.norm1 = layer_norm(dim, dtype, rngs)
     self.attn = WindowAttention(dim, num_heads, self.window_size, qkv=linear('qkv', dim, 3 * dim),
                                 proj=linear('proj', dim, dim), dtype=dtype, rngs=rngs)
-    self.norm2 = _layer_norm(dim, dtype, rngs)
+    self.norm2 = layer_norm(dim, dtype, rngs)
     self.mlp = Mlp(linear('fc1', dim, hidden), linear('fc2', hidden, dim))
     # timm DropPath: one mask per sample, kept samples scaled by 1 / keep; a fresh mask per call.
     self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=rngs)
@@ -271,7 +271,7 @@ class PatchMerging(nnx.Module):
   """2x2 neighbourhood concat (x0, x1, x2, x3) -> LayerNorm(4C) -> reduction 4C -> 2C."""
 
   def __init__(self, dim: int, *, reduction: nnx.Module, dtype, rngs: nnx.Rngs):
-    self.norm = _layer_norm(4 * dim, dtype, rngs)
+    self.norm = layer_norm(4 * dim, dtype, rngs)
     self.reduction = reduction
 
   def __call__(self, x: jax.Array) -> jax.Array:
