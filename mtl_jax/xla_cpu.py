@@ -6,9 +6,12 @@ straight-line code everywhere else. The loop cannot fuse with its producer or co
 project's 2-core CPU a 40 M-element `jax.random.bernoulli` takes 436 ms rolled and 128 ms
 unrolled, and dropout masks (MTLoRA's and ProMLoRA's LoRA dropout draws one per input element of
 every qkv / proj / fc1 / fc2) made up about a fifth of a ProMLoRA train step. This selects jax's
-own unrolled lowering for CPU too: the same algorithm, so the same bits (tests/test_models.py).
-It uses a private jax module (jax is pinned in requirements.txt); if that moves, it logs a
-warning and leaves the default.
+own unrolled lowering for CPU too: the same algorithm, so the same random bits and Bernoulli
+(dropout, drop-path) masks (tests/test_models.py). Draws that go through float transforms
+(normal, truncated-normal: initialisers, MLoRE's router noise) can round differently in the last
+ulp, because XLA fuses them differently, so a CPU run is deterministic but not bit-identical to
+one made before this change (docs/stack.md §11). It uses a private jax module (jax is pinned in
+requirements.txt); if that moves, it logs a warning and leaves the default.
 """
 
 from absl import logging

@@ -322,8 +322,9 @@ def test_fuse_decoder_and_conv_head():
 
 def test_unrolled_threefry_gives_the_same_random_bits():
   """mtl_jax.xla_cpu.unroll_threefry (applied by mtl_jax.models) changes the speed of CPU random
-  draws, not their values: this process's bits and dropout mask equal those of a fresh process
-  with jax's default (rolled) lowering."""
+  draws, not their bits: this process's bits and dropout mask equal those of a fresh process
+  with jax's default (rolled) lowering (float-transformed draws may differ in the last ulp:
+  docs/stack.md §11)."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
   from mtl_jax import xla_cpu  # pylint: disable=g-import-not-at-top
