@@ -96,7 +96,7 @@ def get_config() -> ml_collections.ConfigDict:
   # name: a family of mtl_jax/models BACKBONES ('vit' | 'swin'); '' = the model's own.
   c.model.backbone = ml_collections.ConfigDict(dict(
       name='', variant='S/16', patch_size=0, embed_dim=0, depth=0, num_heads=0, taps=(),
-      drop_path_rate=0.15))
+      drop_path_rate=0.15, remat='none'))  # remat: models/backbone.py REMAT_POLICIES
   c.model.decoder = ml_collections.ConfigDict(dict(channels=192, upsample=4))
 
   c.frozen = ()  # regexes over parameter paths that are not trained
@@ -106,6 +106,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.schedule = ml_collections.ConfigDict(dict(
       name='poly', power=0.9, warmup_steps=0, warmup_lr=0.0, min_lr=0.0))
 
+  c.perf_peak_flops = 0.0  # peak FLOP/s of one device for perf/mfu; 0: mtl_jax/perf.py's table
   c.mesh = (('data', -1),)  # (axis, size); -1 = the remaining devices
   c.param_sharding = (('.*', 'replicate'),)  # (regex over param paths, spec); see sharding.py
   return c

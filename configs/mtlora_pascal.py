@@ -79,7 +79,7 @@ def experiment(arg, *, model: str, dataset: str):
   c.model.dtype = 'bfloat16'
   c.model.backbone = dict(name='', variant=arg.variant, patch_size=0, embed_dim=0, depths=(),
                           num_heads=(), window_size=0, mlp_ratio=4.0,
-                          drop_path_rate=0.3 if arg.variant == 'B' else 0.2)
+                          drop_path_rate=0.3 if arg.variant == 'B' else 0.2, remat='none')
   c.model.decoder = dict(channels=(18, 36, 72, 144))
   lora_reduction = False
   if model == 'mtlora':

@@ -42,6 +42,7 @@ from mtl_jax import input_pipeline
 from mtl_jax import methods
 from mtl_jax import models
 from mtl_jax import optim
+from mtl_jax import perf
 from mtl_jax import reporting
 from mtl_jax import sharding
 from mtl_jax import tasks as tasks_lib
@@ -291,9 +292,13 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
   window, t0, window_start = [], time.perf_counter(), step
   logging.info('Training steps %d..%d, global batch %d on %d devices (mesh %s)', step + 1, total,
                config.batch_size, jax.device_count(), dict(trainer.mesh.shape))
+  train_step = cost = None
   while step < total:
     batch = sharding.global_batch(next(train_iter), trainer.mesh)
-    state, scalars = trainer.train_step(state, trainer.rest, batch)
+    if train_step is None:  # compiled once, ahead of time, for its cost analysis (perf.py)
+      train_step = trainer.train_step.lower(state, trainer.rest, batch).compile()
+      cost, t0 = perf.StepCost.of(train_step, config.perf_peak_flops), time.perf_counter()
+    state, scalars = train_step(state, trainer.rest, batch)
     step += 1
     window.append(scalars)
     report(step)
@@ -303,9 +308,9 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
           jax.tree.map(lambda *xs: jnp.stack(xs), *window)).items()}
       if not np.isfinite(means['loss']):
         raise FloatingPointError(f'training loss is {means["loss"]} at step {step}')
-      writer.write_scalars(step, {f'train/{k}': v for k, v in means.items()})
-      dt = time.perf_counter() - t0
-      steps_per_sec = (step - window_start) / max(dt, 1e-9)
+      steps_per_sec = (step - window_start) / max(time.perf_counter() - t0, 1e-9)
+      writer.write_scalars(step, {**{f'train/{k}': v for k, v in means.items()},
+                                  **cost.scalars(steps_per_sec, config.batch_size)})
       eta = (total - step) / max(steps_per_sec, 1e-9)
       logging.info('step %d/%d | loss %.4f | %.2f steps/s | %.1f img/s | ETA %s', step, total,
                    means['loss'], steps_per_sec, steps_per_sec * config.batch_size,

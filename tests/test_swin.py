@@ -83,9 +83,10 @@ def test_parity_swin_decoder_with_official_model():
       + [f'feat/shared/stage{i}' for i in range(4)])
 
 
-def parity_rows(name: str):
-  """(parity.compare rows, config) of the Swin-family slim fixture `name`, every row's relative
-  error asserted <= 1e-5. Slims hold arrays cropped as tests/fixtures/make_slim.py crops them."""
+def parity_rows(name: str, dtype: str = 'float32', tol: float = 1e-5):
+  """(parity.compare rows, config) of the slim fixture `name` computed in `dtype`, every row's
+  relative error asserted <= `tol`. Slims hold arrays cropped as tests/fixtures/make_slim.py crops
+  them."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   import re  # pylint: disable=g-import-not-at-top
   slim = f'{name}_slim.npz'
@@ -94,7 +95,7 @@ def parity_rows(name: str):
     arrays['input'] = np.load(os.path.join(FIXTURES, 'mtlora_tiny_seed0_slim.npz'))['input']
   with open(os.path.join(FIXTURES, f'{name}.json')) as f:
     sidecar = json.load(f)
-  model, config, family = parity.build_from_fixture(arrays, sidecar)
+  model, config, family = parity.build_from_fixture(arrays, sidecar, dtype)
   got = family.reference_arrays(model, arrays['input'], config)
   spec = importlib.util.spec_from_file_location('make_slim', os.path.join(FIXTURES, 'make_slim.py'))
   make_slim = importlib.util.module_from_spec(spec)
@@ -103,7 +104,7 @@ def parity_rows(name: str):
     got.update({k: v[index] for k, v in got.items() if re.fullmatch(pattern, k)})
   rows = parity.compare(got, arrays)
   worst = max(rows, key=lambda r: r[2])
-  assert worst[2] <= 1e-5, worst
+  assert worst[2] <= tol, worst
   return rows, config
 
 

@@ -53,7 +53,9 @@ def test_shortened_demo_learns_every_task(tfds_dir, tmp_path):
 
 @pytest.mark.slow
 def test_smoke_run_writes_every_report(tfds_dir, tmp_path):
-  train.train_and_evaluate(smoke_config(tfds_dir), tmp_path)
+  config = smoke_config(tfds_dir)
+  config.perf_peak_flops = 1e11  # CPU has no PEAK_FLOPS entry: perf/mfu only with the override
+  train.train_and_evaluate(config, tmp_path)
   lines = reporting.read_metrics(tmp_path)
   steps = [l['step'] for l in lines]
   assert steps == sorted(set(steps)), 'one JSON object per logged step'
@@ -62,6 +64,11 @@ def test_smoke_run_writes_every_report(tfds_dir, tmp_path):
           'params/total'} <= set(by_step[0])
   assert {'train/loss', 'train/semseg_loss', 'train/edge_loss', 'train/learning_rate',
           'eval/edge/loss'} <= set(by_step[6])
+  perf = by_step[6]  # mtl_jax/perf.py: XLA's FLOPs of the compiled step, timed after compiling
+  assert perf['perf/img_per_sec'] > 0 and perf['perf/peak_memory_bytes'] > 2 ** 20
+  assert perf['perf/mfu'] == pytest.approx(
+      perf['perf/flops_per_device_step'] * perf['perf/img_per_sec'] / config.batch_size / 1e11,
+      rel=1e-6)  # per-device FLOPs x steps/s / one device's peak
   assert all(np.isfinite(v) for l in lines for v in l.values())
   assert json.loads((tmp_path / 'config.json').read_text())['total_steps'] == 6
   assert sorted(os.listdir(tmp_path / 'predictions')) == [

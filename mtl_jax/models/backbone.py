@@ -14,6 +14,7 @@ it accepts (MLoRE on Swin, say) without knowing which backbone it is.
 from collections.abc import Mapping, Sequence
 
 import flax
+from flax import nnx
 import jax
 
 from mtl_jax import ConfigError
@@ -58,3 +59,26 @@ def variant_arch(cfg, variants: Mapping[str, Mapping], explicit: Sequence[str],
                         f'{", ".join(explicit)})')
     return dict(variants[variant])
   return {k: cfg[k] for k in explicit}
+
+
+# config.model.backbone.remat: how the backbone's blocks are rematerialised in the backward pass.
+REMAT_POLICIES = {
+    'none': None,  # autodiff keeps whatever XLA needs
+    # Each block under jax.checkpoint, saving the outputs of its weight matmuls (maxtext's
+    # 'minimal'): LayerNorm, GELU, softmax, dropout and the attention matrices are recomputed.
+    'blocks': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # Each block under jax.checkpoint, saving only its input: the whole block is recomputed.
+    'full': jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def block_caller(remat: str):
+  """`call(block, *args) -> block(*args)` under the `remat` policy (REMAT_POLICIES): the same
+  function, traded memory for recomputation. ConfigError for an unknown policy."""
+  if remat not in REMAT_POLICIES:
+    raise ConfigError(f'unknown config.model.backbone.remat {remat!r}; known: '
+                      f'{", ".join(REMAT_POLICIES)}')
+  call = lambda block, *args: block(*args)  # noqa: E731
+  if remat == 'none':
+    return call
+  return nnx.remat(call, policy=REMAT_POLICIES[remat])

@@ -286,7 +286,8 @@ class SwinStage(nnx.Module):
   def __init__(self, dim: int, resolution: tuple[int, int], depth: int, num_heads: int,
                window_size: int, mlp_ratio: float, drop_path: tuple[float, ...],
                merge: bool, *, stage: int, make_linear: Callable[..., nnx.Module], dtype,
-               rngs: nnx.Rngs):
+               remat: str = 'none', rngs: nnx.Rngs):
+    self.remat = remat
     self.blocks = nnx.List([
         SwinBlock(dim, resolution, num_heads, window_size, 0 if j % 2 == 0 else window_size // 2,
                   mlp_ratio, drop_path[j],
@@ -301,8 +302,9 @@ class SwinStage(nnx.Module):
 
   def __call__(self, x: jax.Array, prompts: Sequence[jax.Array] | None = None) -> Streams:
     """`prompts`: one (G, T, C) prompt set per block (ProMLoRA) or None."""
+    call = backbone.block_caller(self.remat)
     for j, block in enumerate(self.blocks):  # only the last block's task streams are kept
-      x, x_tasks = block(x, None if prompts is None else prompts[j])  # (mtlora.md §2.2)
+      x, x_tasks = call(block, x, None if prompts is None else prompts[j])  # (mtlora.md §2.2)
     if self.downsample is not None:
       x = self.downsample(x)
       x_tasks = {t: self.downsample(v) for t, v in x_tasks.items()}
@@ -321,7 +323,8 @@ class SwinTransformer(nnx.Module):
                depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size: int = 7,
                mlp_ratio: float = 4.0, drop_path_rate: float = 0.2,
                make_linear: Callable[..., nnx.Module] = plain_linear, dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               remat: str = 'none', rngs: nnx.Rngs):
+    backbone.block_caller(remat)  # ConfigError for an unknown policy
     if len(depths) != len(num_heads):
       raise ValueError(f'depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length')
     self.img_size = tuple(img_size)
@@ -333,7 +336,7 @@ class SwinTransformer(nnx.Module):
     self.layers = nnx.List([
         SwinStage(embed_dim * 2 ** i, grids[i], depth, heads, window_size, mlp_ratio,
                   tuple(rates[sum(depths[:i]):sum(depths[:i + 1])]), i < n - 1, stage=i,
-                  make_linear=make_linear, dtype=dtype, rngs=rngs)
+                  make_linear=make_linear, dtype=dtype, remat=remat, rngs=rngs)
         for i, (depth, heads) in enumerate(zip(depths, num_heads))])
     self.dims = tuple(embed_dim * 2 ** min(i + 1, n - 1) for i in range(n))
     self.stage_dims = self.dims  # the backbone contract (backbone.py): after each PatchMerging
@@ -357,10 +360,11 @@ _EXPLICIT = ('patch_size', 'embed_dim', 'depths', 'num_heads', 'window_size')
 
 def arch(cfg) -> dict:
   """SwinTransformer kwargs of `config.model.backbone`: a variant or explicit sizes, plus
-  mlp_ratio and drop_path_rate."""
+  mlp_ratio, drop_path_rate and remat (backbone.REMAT_POLICIES)."""
   out = backbone.variant_arch(cfg, VARIANTS, _EXPLICIT, 'Swin')
   out.update(depths=tuple(out['depths']), num_heads=tuple(out['num_heads']),
-             mlp_ratio=cfg.mlp_ratio, drop_path_rate=cfg.drop_path_rate)
+             mlp_ratio=cfg.mlp_ratio, drop_path_rate=cfg.drop_path_rate,
+             remat=cfg.get('remat', 'none'))
   return out
 
 

@@ -98,8 +98,10 @@ class ViT(nnx.Module):
 
   def __init__(self, img_size: tuple[int, int], patch_size: int, embed_dim: int, depth: int,
                num_heads: int, mlp_ratio: float = 4, taps: Sequence[int] = (3, 6, 9),
-               drop_path_rate: float = 0.15, dtype=jnp.float32, *, rngs: nnx.Rngs):
+               drop_path_rate: float = 0.15, dtype=jnp.float32, remat: str = 'none', *,
+               rngs: nnx.Rngs):
     img_h, img_w = img_size
+    backbone.block_caller(remat)  # ConfigError for an unknown policy
     if img_h % patch_size or img_w % patch_size:
       raise ValueError(f'img_size {tuple(img_size)} is not divisible by patch_size {patch_size}; '
                        'set config.input.crop_size to a multiple of it')
@@ -111,6 +113,7 @@ class ViT(nnx.Module):
     self.embed_dim = embed_dim
     self.taps = taps
     self.dtype = dtype
+    self.remat = remat
     self.patch_embed = layers.conv(3, embed_dim, patch_size, stride=patch_size, dtype=dtype,
                                    rngs=rngs)
     num_patches = self.grid[0] * self.grid[1]
@@ -131,9 +134,9 @@ class ViT(nnx.Module):
       raise ValueError(f'input {images.shape[1:3]} gives a {h}x{w} token grid, but the model was '
                        f'built for {self.grid} (pos_embed size); resize or pad the input')
     x = x.reshape(b, h * w, d) + self.pos_embed[:, 1:].astype(self.dtype)
-    features = []
+    features, call = [], backbone.block_caller(self.remat)
     for i, block in enumerate(self.blocks, start=1):
-      x = block(x)
+      x = call(block, x)
       features += [x] * self.taps.count(i)  # a repeated tap (tiny smoke configs) repeats x
     features.append(self.norm(x))
     return backbone.Features(tuple(f.reshape(b, h, w, d) for f in features))
@@ -148,9 +151,10 @@ def arch(cfg) -> dict:
 
 
 def build(config, tasks=None, *, rngs: nnx.Rngs) -> ViT:
-  """The ViT of `config.model.backbone` (variant or explicit sizes, drop_path_rate) for
+  """The ViT of `config.model.backbone` (variant or explicit sizes, drop_path_rate, remat) for
   `config.input.crop_size` and `config.model.dtype`; `tasks` is unused (no task streams)."""
   del tasks
   return ViT(tuple(config.input.crop_size), **arch(config.model.backbone),
              drop_path_rate=config.model.backbone.drop_path_rate,
+             remat=config.model.backbone.get('remat', 'none'),
              dtype=jnp.dtype(config.model.dtype), rngs=rngs)

@@ -1,4 +1,5 @@
-r"""Parity with the official PyTorch code: `python -m mtl_jax.tools.parity FIXTURE.npz [--tol T]`.
+r"""Parity with the official PyTorch code: `python -m mtl_jax.tools.parity FIXTURE.npz [--tol T]
+[--dtype bfloat16]`.
 
 A fixture (docs/mlore.md §10, docs/mtlora.md §10) holds the parameters of a reduced reference
 model as `param/<torch key>`, its `input` and golden arrays (`out/<task>`, intermediates) in torch
@@ -58,8 +59,10 @@ def load_fixture(path: str) -> tuple[dict[str, np.ndarray], dict]:
     return arrays, json.load(f)
 
 
-def build_from_fixture(arrays: Mapping[str, np.ndarray], sidecar: Mapping):
-  """(model in eval mode with the fixture's parameters, config, family module)."""
+def build_from_fixture(arrays: Mapping[str, np.ndarray], sidecar: Mapping,
+                       dtype: str = 'float32'):
+  """(model in eval mode with the fixture's parameters computing in `dtype`, config, family
+  module). Parameters stay float32 whatever `dtype` (config.model.dtype)."""
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from configs import common  # pylint: disable=g-import-not-at-top
   from mtl_jax import models  # pylint: disable=g-import-not-at-top
@@ -67,6 +70,7 @@ def build_from_fixture(arrays: Mapping[str, np.ndarray], sidecar: Mapping):
 
   family = importlib.import_module(_FAMILIES[family_of(sidecar)])
   config = family.config_from_reference(common.get_config(), sidecar)
+  config.model.dtype = dtype
   tasks = tasks_lib.config_tasks(config)
   state_dict = {k[len('param/'):]: v for k, v in arrays.items() if k.startswith('param/')}
   weights = family.from_torch(state_dict, config)
@@ -101,9 +105,9 @@ def compare(got: Mapping[str, np.ndarray], want: Mapping[str, np.ndarray]
   return rows
 
 
-def run(path: str, tol: float = 1e-5) -> list[tuple[str, float, float]]:
+def run(path: str, dtype: str = 'float32') -> list[tuple[str, float, float]]:
   arrays, sidecar = load_fixture(path)
-  model, config, family = build_from_fixture(arrays, sidecar)
+  model, config, family = build_from_fixture(arrays, sidecar, dtype)
   got = family.reference_arrays(model, arrays['input'], config)
   rows = compare(got, arrays)
   if not rows:
@@ -116,9 +120,12 @@ def main(argv=None) -> int:
   parser.add_argument('fixture', help='FIXTURE.npz (with FIXTURE.json beside it)')
   parser.add_argument('--tol', type=float, default=1e-5,
                       help='max error relative to each array\'s max magnitude (default 1e-5)')
+  parser.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16'),
+                      help='computation dtype of the model (config.model.dtype); bfloat16 '
+                      'errors are a few 1e-2 (tests/test_perf.py), so raise --tol with it')
   args = parser.parse_args(argv)
   try:
-    rows = run(args.fixture, args.tol)
+    rows = run(args.fixture, args.dtype)
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1

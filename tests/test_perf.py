@@ -1,0 +1,147 @@
+"""Accelerator readiness, on CPU (issue 11): bf16 compute against the fp32 fixtures, remat policies
+that leave the gradients unchanged, the ViT's fused attention and the `perf/*` step figures
+(mtl_jax/perf.py, docs/accelerators.md)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import demo
+from configs import mtlora_pascal
+from configs import promlora_pascal
+from mtl_jax import ConfigError
+from mtl_jax import models
+from mtl_jax import perf
+from mtl_jax import tasks as tasks_lib
+from mtl_jax.models import vit
+from test_swin import parity_rows
+
+# -- bf16 compute ------------------------------------------------------------------------------
+
+BF16_TOL = 0.1  # max |bf16 - fp32 reference| / max |reference| of every output and feature map
+
+
+@pytest.mark.parametrize('name', ['mtlora_tiny_seed0', 'promlora_tiny_seed0',
+                                  'mlore_pascal_tiny_seed0'])
+def test_bfloat16_forward_is_close_to_the_fp32_reference(name):
+  """config.model.dtype=bfloat16 (parameters stay fp32, logits come out fp32): every task output
+  and backbone feature within BF16_TOL of the fixture (measured 2026-12-02: out 2.2e-2 MTLoRA,
+  5.2e-2 ProMLoRA, 3.7e-2 MLoRE), and really computed in bf16 (error far above fp32's 1e-6).
+  MLoRE's router gates are not compared: a near-tie in its top-k may flip in bf16."""
+  rows, config = parity_rows(name, 'bfloat16', tol=float('inf'))
+  assert config.model.dtype == 'bfloat16'
+  checked = [(k, rel) for k, _, rel in rows if k.startswith(('out/', 'feat/'))]
+  assert any(k.startswith('out/') for k, _ in checked)
+  bad = [(k, rel) for k, rel in checked if rel > BF16_TOL]
+  assert not bad, bad
+  assert max(rel for _, rel in checked) > 1e-3, 'no bf16 rounding: dtype not applied?'
+
+
+# -- remat -------------------------------------------------------------------------------------
+
+def _grads(config, remat: str):
+  """Train-mode loss and gradients of a fixed random objective of every task output (dropout
+  and drop path active, same seeds) with `config.model.backbone.remat = remat`."""
+  config = config.copy_and_resolve_references()
+  config.model.backbone.remat = remat
+  tasks = tasks_lib.config_tasks(config)
+  model = models.build_model(config, tasks, rngs=nnx.Rngs(0))
+  model.train()
+  h, w = config.input.crop_size
+  images = jax.random.normal(jax.random.key(1), (2, h, w, 3))
+
+  streams = sorted({s.tag for _, s in nnx.iter_graph(model) if isinstance(s, nnx.RngStream)})
+  graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+  @jax.jit
+  def value_and_grad(params, rest):
+    def loss_fn(params):
+      model = nnx.merge(graph, params, rest)
+      nnx.reseed(model, **{s: 7 + i for i, s in enumerate(streams)})  # same masks per policy
+      preds, _ = model(images)
+      return sum(jnp.mean(jnp.square(p - jax.random.normal(jax.random.key(i), p.shape)))
+                 for i, (_, p) in enumerate(sorted(preds.items())))
+    return jax.value_and_grad(loss_fn)(params)
+
+  loss, grads = value_and_grad(nnx.to_pure_dict(params), nnx.to_pure_dict(rest))
+  return float(loss), grads
+
+
+def _tiny_mlore():
+  c = demo.get_config('smoke')
+  c.model.backbone.drop_path_rate = 0.2
+  return c
+
+
+@pytest.mark.slow  # ~1.5 min each: three train-mode gradient compiles
+@pytest.mark.parametrize('make_config', [
+    _tiny_mlore,  # ViT blocks (MLoRE decoder)
+    lambda: mtlora_pascal.get_config('smoke'),  # Swin blocks with MTLoRA's task streams, dropout
+    lambda: promlora_pascal.get_config('smoke'),  # Swin blocks with deep prompts
+], ids=['vit', 'mtlora', 'promlora'])
+def test_remat_policies_give_the_same_gradients(make_config):
+  config = make_config()
+  loss, want = _grads(config, 'none')
+  for remat in ('blocks', 'full'):
+    got_loss, got = _grads(config, remat)
+    assert got_loss == pytest.approx(loss, rel=1e-6), remat  # XLA may fuse differently
+    flat_want = jax.tree_util.tree_leaves_with_path(want)
+    flat_got = dict(jax.tree_util.tree_leaves_with_path(got))
+    assert len(flat_got) == len(flat_want)
+    for path, g in flat_want:
+      np.testing.assert_allclose(flat_got[path], g, rtol=1e-4, atol=1e-6 * np.abs(g).max() + 1e-9,
+                                 err_msg=f'{remat} {jax.tree_util.keystr(path)}')
+
+
+def test_unknown_remat_policy_is_a_config_error():
+  config = demo.get_config('smoke')
+  config.model.backbone.remat = 'sometimes'
+  with pytest.raises(ConfigError, match="remat 'sometimes'; known: none, blocks, full"):
+    models.build_model(config, tasks_lib.config_tasks(config), rngs=nnx.Rngs(0))
+
+
+# -- the ViT's attention -----------------------------------------------------------------------
+
+def test_vit_attention_is_the_literal_softmax_attention():
+  """jax.nn.dot_product_attention (cuDNN's fused kernel on GPU) computes softmax(q k^T / sqrt(d))
+  v of the qkv split (docs/mlore.md §2)."""
+  attn = vit.Attention(24, 3, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 10, 24))
+  qkv = attn.qkv(x).reshape(2, 10, 3, 3, 8)
+  q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, heads, N, hd)
+  p = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(8), axis=-1)
+  want = attn.proj((p @ v).transpose(0, 2, 1, 3).reshape(2, 10, 24))
+  np.testing.assert_allclose(attn(x), want, rtol=1e-5, atol=1e-6)
+
+
+# -- perf figures ------------------------------------------------------------------------------
+
+def test_peak_flops_table_and_override():
+  cpu = jax.devices()[0]
+  assert perf.peak_flops(cpu) is None  # no CPU entry: no MFU unless overridden
+  assert perf.peak_flops(cpu, 2e11) == 2e11
+
+  class FakeDevice:
+    device_kind = 'NVIDIA H100 80GB HBM3'
+
+  assert perf.peak_flops(FakeDevice()) == 989e12
+
+
+def test_step_cost_scalars():
+  cost = perf.StepCost(flops=5e11, peak=1e12)
+  out = cost.scalars(steps_per_sec=0.5, global_batch=8)
+  assert out['perf/mfu'] == pytest.approx(0.25)
+  assert out['perf/img_per_sec'] == 4.0
+  assert out['perf/flops_per_device_step'] == 5e11
+  assert out['perf/peak_memory_bytes'] > 10 * 2 ** 20  # this process holds jax: > 10 MiB
+  assert 'perf/mfu' not in perf.StepCost(flops=5e11, peak=None).scalars(0.5, 8)
+
+
+def test_step_cost_of_a_compiled_matmul():
+  a = jnp.ones((64, 32))
+  compiled = jax.jit(lambda x: x @ x.T).lower(a).compile()
+  cost = perf.StepCost.of(compiled, peak_override=1e9)
+  assert cost.flops == pytest.approx(2 * 64 * 64 * 32, rel=0.01)
+  assert cost.peak == 1e9
