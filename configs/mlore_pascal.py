@@ -106,6 +106,8 @@ def experiment(arg, *, dataset: str, tasks: str, crop_size: tuple[int, int],
   c.optimizer.update(name='adam', learning_rate=learning_rate, b1=0.9, b2=0.999, eps=1e-8,
                      weight_decay=1e-6, grad_clip_norm=10.0, decay_1d=True, no_decay=())
   c.schedule.update(name='poly', power=0.9, warmup_steps=0, warmup_lr=0.0, min_lr=0.0)
+  if arg.vit == 'L':  # FSDP: parameters and Adam moments split over the data axis (README)
+    c.param_sharding = (('.*', 'fsdp:data'),)
   return c
 
 

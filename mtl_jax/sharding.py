@@ -93,6 +93,16 @@ def tree_shardings(tree, rules: Sequence[tuple[str, Any]], mesh: Mesh):
   return jax.tree_util.tree_map_with_path(leaf_sharding, tree)
 
 
+def bytes_per_device(tree, shardings) -> tuple[int, int]:
+  """(bytes one device holds, bytes of one full copy) of the array leaves of `tree` (arrays or
+  ShapeDtypeStructs) placed by `shardings` (tree_shardings)."""
+  leaves = jax.tree.leaves(tree)
+  full = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in leaves)
+  held = sum(int(np.prod(s.shard_shape(x.shape))) * np.dtype(x.dtype).itemsize
+             for x, s in zip(leaves, jax.tree.leaves(shardings)))
+  return held, full
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assembles process-local batches into global arrays sharded along the batch axis."""
   sharding = batch_sharding(mesh)

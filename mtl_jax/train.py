@@ -131,6 +131,9 @@ class Trainer:
     self.abstract_state = jax.eval_shape(self._init_state)
     self.state_sharding = sharding.tree_shardings(
         self.abstract_state, tuple(config.param_sharding), self.mesh)
+    held, full = sharding.bytes_per_device(self.abstract_state, self.state_sharding)
+    logging.info('Train state: %.3f GiB per device (%.3f GiB replicated; config.param_sharding)',
+                 held / 2 ** 30, full / 2 ** 30)
     repl = sharding.replicated(self.mesh)
     batch = sharding.batch_sharding(self.mesh)
     self.rest = jax.jit(self._init_rest, out_shardings=repl)()

@@ -1,13 +1,19 @@
 """The MLoRE experiment configs (configs/mlore_{pascal,nyud}.py): recipe, exact parameter counts
 (docs/mlore.md §7) and a smoke run of each through the trainer."""
 
+from flax import nnx
 import jax
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
 from configs import mlore_nyud
 from configs import mlore_pascal
+from mtl_jax import input_pipeline
+from mtl_jax import models
+from mtl_jax import optim
 from mtl_jax import reporting
+from mtl_jax import sharding
 from mtl_jax import tasks as tasks_lib
 from mtl_jax import train
 from mtl_jax.tools import params
@@ -104,3 +110,57 @@ def test_smoke_config_trains(tfds_dir, tmp_path):
   assert [l['step'] for l in lines] == [1, 2]
   for line in lines:
     assert np.isfinite(line['train/loss']) and line['train/load_balancing_loss'] > 0
+
+
+def test_vit_l_fsdp_state_bytes_per_device():
+  """configs/mlore_pascal.py (ViT-L, 512²) shards parameters and Adam moments over the 8 data
+  devices (`param_sharding` fsdp:data). Measured 2026-12-02: 1.014 GiB per device against
+  4.556 GiB replicated (4.5x less, not 8x: the decoder's 452-channel 3x3 convs have no dimension
+  divisible by 8 and stay replicated)."""
+  config = mlore_pascal.get_config()
+  assert tuple(config.param_sharding) == (('.*', 'fsdp:data'),)
+  tx, _ = optim.make_optimizer(config)
+  tasks = tasks_lib.config_tasks(config)
+
+  def init():
+    model = models.build_model(config, tasks, rngs=nnx.Rngs(0))
+    params_ = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {'params': params_, 'opt_state': tx.init(params_)}
+
+  state = jax.eval_shape(init)
+  mesh = sharding.make_mesh(config.mesh)
+  rows = {}
+  for name, rules in (('fsdp', config.param_sharding), ('replicated', (('.*', 'replicate'),))):
+    held, full = sharding.bytes_per_device(state, sharding.tree_shardings(state, rules, mesh))
+    rows[name] = held
+    print(f'ViT-L MLoRE 512² train state on {mesh.size} devices, {name}: '
+          f'{held / 2 ** 30:.3f} GiB per device (full copy {full / 2 ** 30:.3f} GiB)')
+  assert rows['replicated'] == full
+  assert full == pytest.approx(3 * 4 * 407_690_406, rel=1e-3)  # params + 2 Adam moments, fp32
+  assert rows['fsdp'] < full / 4
+
+
+@pytest.mark.slow
+def test_fsdp_step_equals_the_replicated_one(tfds_dir, tmp_path):
+  """Three train steps of the MLoRE smoke config on 4 devices with parameters and optimizer state
+  sharded (ViT-L's fsdp:data rule) and replicated: the same loss, per-task losses and gradient
+  norm at every step to 1e-5, and the FSDP state really is split."""
+  results = []
+  for rules in ((('.*', 'fsdp:data'),), (('.*', 'replicate'),)):
+    c = mlore_pascal.get_config('smoke')
+    c.dataset.update(data_dir=tfds_dir, build_if_missing=False)
+    c.param_sharding = rules
+    trainer = train.Trainer(c, tmp_path / rules[0][1].replace(':', '_'), jax.devices()[:4])
+    batch = sharding.global_batch(next(input_pipeline.make_train_iterator(
+        c, trainer.tasks, source=trainer.train_source)), trainer.mesh)
+    state, steps = trainer.init_state(), []
+    for _ in range(3):
+      state, scalars = trainer.train_step(state, trainer.rest, batch)
+      steps.append(jax.device_get(scalars))
+    split = [x for x in jax.tree.leaves(state.params) if x.sharding.spec != P()]
+    results.append((steps, len(split)))
+  (fsdp, n_split), (repl, n_repl) = results
+  assert n_repl == 0 and n_split > 0.9 * len(jax.tree.leaves(state.params)) - 40
+  for s_f, s_r in zip(fsdp, repl):
+    for key in s_r:
+      np.testing.assert_allclose(s_f[key], s_r[key], rtol=1e-5, err_msg=key)
