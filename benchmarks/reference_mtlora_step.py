@@ -3,11 +3,14 @@ with benchmarks/train_step.py on configs/mtlora_pascal.py. Not run by tests: nee
 checkout of scale-lab/MTLoRA (see tests/fixtures/reference_variants.py for the environment).
 
   /tmp/venv-ref/bin/python benchmarks/reference_mtlora_step.py --mtlora=MTLORA_CHECKOUT
+  python benchmarks/reference_mtlora_step.py --mtlora=... --device=cuda --amp --batch_size=32
 
-Same setup as the JAX figure: batch 2, fp32, CPU, the MTLoRA recipe's trainable set (LoRA,
-patch embedding, norms, relative position tables, reductions, decoders), AdamW, one batch
-reused, median of --steps after one warm-up step. Losses: CE (semseg, human_parts), BCE (sal),
-L1 on normalised normals — the reference's, without their ignore-region bookkeeping.
+Same setup as the JAX figure: batch 2, fp32, CPU (or --device=cuda, with --amp the release's
+fp16 autocast and GradScaler, as benchmarks/gpu_suite.py runs it), the MTLoRA recipe's
+trainable set (LoRA, patch embedding, norms, relative position tables, reductions, decoders),
+AdamW, one batch reused, median of --steps after one warm-up step. Losses: CE (semseg,
+human_parts), BCE (sal), L1 on normalised normals — the reference's, without their ignore-region
+bookkeeping.
 """
 
 import argparse
@@ -25,6 +28,9 @@ def main():
   parser.add_argument('--mtlora', required=True, help='checkout of scale-lab/MTLoRA')
   parser.add_argument('--steps', type=int, default=5)
   parser.add_argument('--threads', type=int, default=0, help='torch threads (0: default)')
+  parser.add_argument('--batch_size', type=int, default=2)
+  parser.add_argument('--device', default='cpu', help='cpu | cuda')
+  parser.add_argument('--amp', action='store_true', help='fp16 autocast + GradScaler (CUDA)')
   args = parser.parse_args()
   import reference_variants  # pylint: disable=g-import-not-at-top
   sys.meta_path.insert(0, reference_variants._InertFinder())  # pylint: disable=protected-access
@@ -55,7 +61,8 @@ def main():
       DATA=EasyDict(IMG_SIZE=448), TRAIN=EasyDict(USE_CHECKPOINT=False),
       FUSED_WINDOW_PROCESS=False, FUSED_LAYERNORM=False, TASKS=tasks,
       TASKS_CONFIG=EasyDict(ALL_TASKS=EasyDict(NUM_OUTPUT=outputs)))
-  model = MultiTaskSwin(build_model(cfg), cfg).train()
+  dev, b = torch.device(args.device), args.batch_size
+  model = MultiTaskSwin(build_model(cfg), cfg).train().to(dev)
   keep = ('lora_', 'patch_embed', 'norm', 'relative_position_bias_table', 'downsample.reduction')
   for name, p in model.named_parameters():
     p.requires_grad = not name.startswith('backbone.') or any(k in name for k in keep)
@@ -63,27 +70,36 @@ def main():
   print(f'parameters {sum(p.numel() for p in model.parameters()):,}, trainable '
         f'{sum(p.numel() for p in trainable):,}, torch threads {torch.get_num_threads()}')
   opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.05)
+  scaler = torch.amp.GradScaler(enabled=args.amp)
   g = torch.Generator().manual_seed(0)
-  x = torch.randn(2, 3, 448, 448, generator=g)
-  semseg = torch.randint(0, 21, (2, 448, 448), generator=g)
-  parts = torch.randint(0, 7, (2, 448, 448), generator=g)
-  sal = torch.rand(2, 1, 448, 448, generator=g).round()
-  normals = F.normalize(torch.randn(2, 3, 448, 448, generator=g), dim=1)
+  x = torch.randn(b, 3, 448, 448, generator=g).to(dev)
+  semseg = torch.randint(0, 21, (b, 448, 448), generator=g).to(dev)
+  parts = torch.randint(0, 7, (b, 448, 448), generator=g).to(dev)
+  sal = torch.rand(b, 1, 448, 448, generator=g).round().to(dev)
+  normals = F.normalize(torch.randn(b, 3, 448, 448, generator=g), dim=1).to(dev)
 
   def step():
-    out = model(x)
+    with torch.autocast(dev.type, dtype=torch.float16, enabled=args.amp):
+      out = model(x)
+    out = {k: v.float() for k, v in out.items()}
     loss = (F.cross_entropy(out['semseg'], semseg) + 2 * F.cross_entropy(out['human_parts'], parts)
             + 5 * F.binary_cross_entropy_with_logits(out['sal'], sal)
             + 10 * (F.normalize(out['normals'], dim=1) - normals).abs().mean())
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
     torch.nn.utils.clip_grad_norm_(trainable, 5.0)
-    opt.step()
+    scaler.step(opt)
+    scaler.update()
+    if dev.type == 'cuda':
+      torch.cuda.synchronize()
 
   first, med, fastest = timing.time_steps(step, args.steps)
-  print(f'official MTLoRA r64 Swin-T 448x448 batch 2 fp32 | first step {first:.1f} s | median '
-        f'{med * 1e3:.0f} ms/step (min {fastest * 1e3:.0f}) | {2 / med:.3f} img/s | peak RSS '
-        f'{timing.peak_rss_mib():.0f} MiB')
+  mem = (f'peak GPU memory {torch.cuda.max_memory_allocated() / 2 ** 30:.2f} GiB'
+         if dev.type == 'cuda' else f'peak RSS {timing.peak_rss_mib():.0f} MiB')
+  print(f'official MTLoRA r64 Swin-T 448x448 batch {b} {"amp fp16" if args.amp else "fp32"} on '
+        f'{args.device} | first step {first:.1f} s | median {med * 1e3:.0f} ms/step (min '
+        f'{fastest * 1e3:.0f}) | {b / med:.3f} img/s | {mem}')
 
 
 if __name__ == '__main__':

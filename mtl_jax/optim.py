@@ -23,6 +23,12 @@ from mtl_jax import ConfigError
 from mtl_jax import sharding
 
 
+def frozen_filter(patterns):
+  """nnx filter (path, value) -> True for parameters matched by a `config.frozen` regex."""
+  compiled = [re.compile(p) for p in patterns]
+  return lambda path, _: any(p.search('/'.join(map(str, path))) for p in compiled)
+
+
 def make_schedule(config) -> optax.Schedule:
   """Learning rate as a function of the completed step count."""
   sched, lr = config.schedule, config.optimizer.learning_rate

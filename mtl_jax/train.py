@@ -86,12 +86,6 @@ def validate_config(config, num_devices: int) -> dict[str, tasks_lib.Task]:
   return tasks
 
 
-def frozen_filter(patterns):
-  """nnx filter (path, value) -> True for parameters matched by a `config.frozen` regex."""
-  compiled = [re.compile(p) for p in patterns]
-  return lambda path, _: any(p.search('/'.join(map(str, path))) for p in compiled)
-
-
 class Trainer:
   """Model, optimizer, method, evaluators, shardings and jitted steps of one configured job."""
 
@@ -115,7 +109,7 @@ class Trainer:
     self.host_tasks = tuple(t for t in self.tasks
                             if any(t in e.host_tasks for e in self.evaluators.values()))
 
-    frozen = frozen_filter(tuple(config.frozen))
+    frozen = optim.frozen_filter(tuple(config.frozen))
     trainable = nnx.All(nnx.Param, nnx.Not(frozen))
     self._build = functools.partial(models.build_model, config, self.tasks)
     abstract = nnx.eval_shape(lambda: self._build(rngs=nnx.Rngs(config.seed)))

@@ -142,9 +142,9 @@ def test_vit_l_fsdp_state_bytes_per_device():
 
 @pytest.mark.slow
 def test_fsdp_step_equals_the_replicated_one(tfds_dir, tmp_path):
-  """Three train steps of the MLoRE smoke config on 4 devices with parameters and optimizer state
+  """Two train steps of the MLoRE smoke config on 4 devices with parameters and optimizer state
   sharded (ViT-L's fsdp:data rule) and replicated: the same loss, per-task losses and gradient
-  norm at every step to 1e-5, and the FSDP state really is split."""
+  norm at both steps (the second after a sharded update) to 1e-5; the FSDP state is split."""
   results = []
   for rules in ((('.*', 'fsdp:data'),), (('.*', 'replicate'),)):
     c = mlore_pascal.get_config('smoke')
@@ -154,7 +154,7 @@ def test_fsdp_step_equals_the_replicated_one(tfds_dir, tmp_path):
     batch = sharding.global_batch(next(input_pipeline.make_train_iterator(
         c, trainer.tasks, source=trainer.train_source)), trainer.mesh)
     state, steps = trainer.init_state(), []
-    for _ in range(3):
+    for _ in range(2):
       state, scalars = trainer.train_step(state, trainer.rest, batch)
       steps.append(jax.device_get(scalars))
     split = [x for x in jax.tree.leaves(state.params) if x.sharding.spec != P()]

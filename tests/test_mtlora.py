@@ -20,7 +20,6 @@ from configs import swin_pascal
 from mtl_jax import models
 from mtl_jax import optim
 from mtl_jax import tasks as tasks_lib
-from mtl_jax import train
 from mtl_jax.models import lora
 from mtl_jax.models import mtlora
 from mtl_jax.tools import params
@@ -165,7 +164,7 @@ def test_trainable_recipes():
             if isinstance(v, nnx.Param)]
 
   def trainable(recipe):
-    frozen = train.frozen_filter(mtlora.frozen_patterns(recipe))
+    frozen = optim.frozen_filter(mtlora.frozen_patterns(recipe))
     return sum(n for p, n in leaves if not frozen(p, None))
 
   assert trainable('full') == 34_262_906
@@ -175,7 +174,7 @@ def test_trainable_recipes():
   assert trainable('freeze_backbone') == 1_946_624  # downsamplers + HRNet heads
   reductions = 4 * 96 * 192 + 4 * 192 * 384 + 4 * 384 * 768
   assert reductions == 1_548_288
-  plus = train.frozen_filter(mtlora.frozen_patterns('mtlora', lora_reduction=True))
+  plus = optim.frozen_filter(mtlora.frozen_patterns('mtlora', lora_reduction=True))
   assert sum(n for p, n in leaves if not plus(p, None)) == 8_344_634 - reductions
 
 
@@ -201,7 +200,7 @@ def test_recipe_schedule_and_optimizer():
 def assert_frozen_are_the_base_linears(config) -> None:
   """config.frozen of a two-stage smoke Swin matches exactly the pretrained qkv / proj / fc1 /
   fc2 kernels and biases."""
-  frozen = train.frozen_filter(config.frozen)
+  frozen = optim.frozen_filter(config.frozen)
   tasks = tasks_lib.config_tasks(config)
   model = nnx.eval_shape(lambda: models.build_model(config, tasks, rngs=nnx.Rngs(0)))
   names = {'/'.join(map(str, p)) for p, v in nnx.iter_graph(model)

@@ -2,6 +2,11 @@
 that leave the gradients unchanged, the ViT's fused attention and the `perf/*` step figures
 (mtl_jax/perf.py, docs/accelerators.md)."""
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -145,3 +150,20 @@ def test_step_cost_of_a_compiled_matmul():
   cost = perf.StepCost.of(compiled, peak_override=1e9)
   assert cost.flops == pytest.approx(2 * 64 * 64 * 32, rel=0.01)
   assert cost.peak == 1e9
+
+
+# -- the GPU suite -----------------------------------------------------------------------------
+
+@pytest.mark.slow  # ~1.5 min: compiles the MLoRE and MTLoRA smoke steps
+def test_gpu_suite_cpu_mode():
+  """benchmarks/gpu_suite.py --cpu_smoke: both models' steps run in their subprocesses, without
+  the input pipeline, and report img/s, XLA FLOPs and peak memory."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', 'gpu_suite.py'),
+                        '--cpu_smoke', '--steps=1'], capture_output=True, text=True, check=True)
+  rows = json.loads(out.stdout.strip().splitlines()[-1])['rows']
+  assert sorted(r['model'] for r in rows) == ['mlore_vitl_512', 'mtlora_r64_swint_448']
+  for r in rows:
+    assert r['loss_finite'] and r['perf/img_per_sec'] > 0, r
+    assert r['perf/flops_per_device_step'] > 1e6 and r['perf/peak_memory_bytes'] > 2 ** 20, r
+  assert 'img/s' in out.stdout

@@ -206,7 +206,7 @@ def test_simplified_attention_equals_the_literal_formulation():
 def _trainable_keys(config) -> tuple[set[str], int, int]:
   tasks = tasks_lib.config_tasks(config)
   model = nnx.eval_shape(lambda: models.build_model(config, tasks, rngs=nnx.Rngs(0)))
-  frozen = train.frozen_filter(tuple(config.frozen))
+  frozen = optim.frozen_filter(tuple(config.frozen))
   trainable, total, count = set(), 0, 0
   for path, v in nnx.iter_graph(model):
     if isinstance(v, nnx.Param):

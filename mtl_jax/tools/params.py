@@ -26,11 +26,11 @@ def count(config) -> dict[str, dict[str, int]]:
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from mtl_jax import models  # pylint: disable=g-import-not-at-top
   from mtl_jax import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
-  from mtl_jax import train  # pylint: disable=g-import-not-at-top
+  from mtl_jax import optim  # pylint: disable=g-import-not-at-top
 
   tasks = tasks_lib.config_tasks(config)
   model = nnx.eval_shape(lambda: models.build_model(config, tasks, rngs=nnx.Rngs(0)))
-  frozen = train.frozen_filter(tuple(config.frozen))
+  frozen = optim.frozen_filter(tuple(config.frozen))
   groups = collections.defaultdict(lambda: {'total': 0, 'trainable': 0})
   for path, variable in nnx.iter_graph(model):
     if not isinstance(variable, nnx.Param):
