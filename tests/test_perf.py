@@ -46,14 +46,14 @@ def test_bfloat16_forward_is_close_to_the_fp32_reference(name):
 
 # -- remat -------------------------------------------------------------------------------------
 
-def _grads(config, remat: str):
-  """Train-mode loss and gradients of a fixed random objective of every task output (dropout
-  and drop path active, same seeds) with `config.model.backbone.remat = remat`."""
+def _grads(config, remat: str, train: bool = True):
+  """Loss and gradients of a fixed random objective of every task output with
+  `config.model.backbone.remat = remat`; `train`: dropout and drop path active, same seeds."""
   config = config.copy_and_resolve_references()
   config.model.backbone.remat = remat
   tasks = tasks_lib.config_tasks(config)
   model = models.build_model(config, tasks, rngs=nnx.Rngs(0))
-  model.train()
+  model.train() if train else model.eval()
   h, w = config.input.crop_size
   images = jax.random.normal(jax.random.key(1), (2, h, w, 3))
 
@@ -80,17 +80,19 @@ def _tiny_mlore():
   return c
 
 
-@pytest.mark.slow  # ~1.5 min each: three train-mode gradient compiles
-@pytest.mark.parametrize('make_config', [
-    _tiny_mlore,  # ViT blocks (MLoRE decoder)
-    lambda: mtlora_pascal.get_config('smoke'),  # Swin blocks with MTLoRA's task streams, dropout
-    lambda: promlora_pascal.get_config('smoke'),  # Swin blocks with deep prompts
+@pytest.mark.slow  # ~1.5 min each: three gradient compiles
+@pytest.mark.parametrize('make_config,train', [
+    (_tiny_mlore, True),  # ViT blocks (MLoRE decoder), drop path
+    (lambda: mtlora_pascal.get_config('smoke'), True),  # Swin blocks, MTLoRA task streams, dropout
+    # Swin blocks with deep prompts, eval mode: with the random masks under remat XLA:CPU takes
+    # >15 min to compile this gradient (docs/stack.md §4); the masks' path is the two cases above.
+    (lambda: promlora_pascal.get_config('smoke'), False),
 ], ids=['vit', 'mtlora', 'promlora'])
-def test_remat_policies_give_the_same_gradients(make_config):
+def test_remat_policies_give_the_same_gradients(make_config, train):
   config = make_config()
-  loss, want = _grads(config, 'none')
+  loss, want = _grads(config, 'none', train)
   for remat in ('blocks', 'full'):
-    got_loss, got = _grads(config, remat)
+    got_loss, got = _grads(config, remat, train)
     assert got_loss == pytest.approx(loss, rel=1e-6), remat  # XLA may fuse differently
     flat_want = jax.tree_util.tree_leaves_with_path(want)
     flat_got = dict(jax.tree_util.tree_leaves_with_path(got))
