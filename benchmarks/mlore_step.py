@@ -2,6 +2,7 @@ r"""Times one MLoRE train step with the experts fused and as the reference's per
 
   python benchmarks/mlore_step.py                      # ViT-S, 512x512, batch 2, fp32
   python benchmarks/mlore_step.py --vit=B --steps=3
+  python benchmarks/mlore_step.py --noloop             # fused only (side_by_side.py's side A)
 
 configs/mlore_pascal.py:vit=S (the recipe's model, Adam, 5 tasks, load balancing) on a batch of
 the procedural dataset resized to 512x512 (the pipeline's crop; built into --data_dir if missing),
@@ -28,6 +29,8 @@ from mtl_jax import train
 _VIT = flags.DEFINE_enum('vit', 'S', ['S', 'B', 'L'], 'ViT of configs/mlore_pascal.py.')
 _DATA_DIR = flags.DEFINE_string('data_dir', os.path.join(tempfile.gettempdir(), 'mtl_jax_bench'),
                                 'TFDS data dir for synthetic_scenes/tiny.')
+_LOOP = flags.DEFINE_bool('loop', True, 'Also time the per-expert loop (prints a second median '
+                          'line; side_by_side.py reads the last one, so pass --noloop there).')
 
 
 def main(argv):
@@ -37,7 +40,7 @@ def main(argv):
   config.dataset.update(name='synthetic_scenes/tiny', data_dir=_DATA_DIR.value,
                         build_if_missing=True)
   results = {}
-  for fused in (True, False):
+  for fused in (True, False) if _LOOP.value else (True,):
     config.model.mlore.fused = fused
     trainer = train.Trainer(config, tempfile.mkdtemp())
     batch = next(input_pipeline.make_train_iterator(config, trainer.tasks,
@@ -48,7 +51,8 @@ def main(argv):
     print(f'MLoRE ViT-{_VIT.value} 512x512 batch 2 fp32 | {name}: compile {compile_s:.1f} s | '
           f'median {med * 1e3:.0f} ms/step (min {fastest * 1e3:.0f}) | {2 / med:.3f} img/s',
           flush=True)
-  print(f'speedup of the fused experts over the loop: {results[False] / results[True]:.2f}x')
+  if _LOOP.value:
+    print(f'speedup of the fused experts over the loop: {results[False] / results[True]:.2f}x')
 
 
 if __name__ == '__main__':
