@@ -18,8 +18,13 @@ from flax import nnx
 
 
 def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, as torch.nn.GELU() (docs/mlore.md §3.3)."""
-  return jax.nn.gelu(x, approximate=False)
+  """Exact (erf) GELU, as torch.nn.GELU() (docs/mlore.md §3.3): x / 2 * (1 + erf(x / sqrt 2)).
+
+  Written as torch writes it; `jax.nn.gelu(approximate=False)` uses erfc(-x / sqrt 2) instead,
+  the same function, whose XLA:CPU lowering made GELU's forward + backward 2x slower
+  (docs/stack.md §12).
+  """
+  return 0.5 * x * (1.0 + jax.lax.erf(x * np.asarray(1.0 / math.sqrt(2.0), x.dtype)))
 
 
 def trunc_normal(std: float = 0.02) -> nnx.Initializer:
@@ -42,22 +47,113 @@ def torch_bias_init(fan_in: int) -> nnx.Initializer:
   return init
 
 
+def matmul(x: jax.Array, w: jax.Array, **kwargs) -> jax.Array:
+  """`x @ w` over x's last axis as one 2-D matmul: (..., K) -> (prod ..., K) @ (K, N) -> (..., N).
+
+  The same products and sums as `x @ w`; only the leading axes are merged first. On XLA:CPU a dot
+  whose lhs has more than two axes gets its weight gradient (a contraction over all leading axes)
+  lowered through a transposed copy of the incoming gradient inside an elementwise fusion, which
+  made a Swin-T Linear's forward + backward 3.5x slower than this 2-D form (docs/stack.md §12;
+  benchmarks/RESULTS.md, "MTLoRA train step"). Accelerators canonicalise dots to 2-D anyway.
+  `kwargs` go to `jnp.dot` (precision, preferred_element_type).
+  """
+  if x.ndim <= 2 or w.ndim != 2:
+    return jnp.dot(x, w, **kwargs)
+  y = jnp.dot(x.reshape(-1, x.shape[-1]), w, **kwargs)
+  return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
+                **kwargs) -> jax.Array:
+  """`jax.lax.dot_general` for nnx.Linear / nnx.Einsum: lhs (..., K) x rhs (K, N) as `matmul`.
+
+  Any other contraction goes to `jax.lax.dot_general` unchanged.
+  """
+  (lhs_contract, rhs_contract), batch = dimension_numbers
+  if kwargs.get('out_sharding') is None:
+    kwargs.pop('out_sharding', None)
+  if (tuple(lhs_contract) == (lhs.ndim - 1,) and tuple(rhs_contract) == (0,)
+      and rhs.ndim == 2 and not any(batch) and not kwargs):
+    return matmul(lhs, rhs, precision=precision, preferred_element_type=preferred_element_type)
+  return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type, **kwargs)
+
+
+def linear(in_features: int, out_features: int, *, kernel_init: nnx.Initializer,
+           bias_init: nnx.Initializer = nnx.initializers.zeros, use_bias: bool = True,
+           dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
+  """nnx.Linear computed with `dot_general` (a 2-D matmul over the flattened leading axes)."""
+  return nnx.Linear(in_features, out_features, use_bias=use_bias, kernel_init=kernel_init,
+                    bias_init=bias_init, dtype=dtype, dot_general=dot_general, rngs=rngs)
+
+
 def conv(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
          kernel_init: nnx.Initializer | None = None, bias_init: nnx.Initializer | None = None,
-         matmul: bool = False, dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+         use_bias: bool = True, matmul: bool = False, dtype=jnp.float32,
+         rngs: nnx.Rngs) -> nnx.Conv:
   """nn.Conv2d(in_ch, out_ch, k, stride) with PyTorch's default init (unless overridden).
 
   Stride-1 convs pad k // 2 on each side ("same" for odd k); strided convs (the patch
-  embedding) are unpadded. `matmul=True` computes the conv as `conv_as_matmul` does: for convs
-  with per-task kernels run under `jax.vmap`, which XLA would otherwise lower to grouped convs.
+  embedding) are unpadded. 1x1 convs and patch embeddings (kernel = stride) run as matmuls
+  (`conv_general`); `matmul=True` computes every conv as `conv_as_matmul` does: for convs with
+  per-task kernels run under `jax.vmap`, which XLA would otherwise lower to grouped convs.
   """
   pad = kernel_size // 2 if stride == 1 else 0
   fan_in = in_ch * kernel_size * kernel_size
   return nnx.Conv(
       in_ch, out_ch, (kernel_size, kernel_size), strides=stride, padding=[(pad, pad)] * 2,
-      kernel_init=kernel_init or torch_kernel_init(),
+      kernel_init=kernel_init or torch_kernel_init(), use_bias=use_bias,
       bias_init=bias_init or torch_bias_init(fan_in), dtype=dtype, rngs=rngs,
-      conv_general_dilated=conv_as_matmul if matmul else jax.lax.conv_general_dilated)
+      conv_general_dilated=conv_as_matmul if matmul else conv_general)
+
+
+def _conv_fallback(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                   dimension_numbers, feature_group_count, precision, preferred_element_type,
+                   out_sharding) -> jax.Array:
+  return jax.lax.conv_general_dilated(
+      lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+      feature_group_count, precision=precision, preferred_element_type=preferred_element_type,
+      out_sharding=out_sharding)
+
+
+def _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                feature_group_count) -> bool:
+  """An NHWC x HWIO conv without dilation or groups, with explicit padding."""
+  nhwc = dimension_numbers in (None, ('NHWC', 'HWIO', 'NHWC')) or (
+      getattr(dimension_numbers, 'lhs_spec', None) == (0, 3, 1, 2)
+      and dimension_numbers.rhs_spec == (3, 2, 0, 1) and dimension_numbers.out_spec == (0, 3, 1, 2))
+  return (nhwc and feature_group_count == 1 and lhs.ndim == 4 and rhs.ndim == 4
+          and not isinstance(padding, str)
+          and all(d == 1 for d in (lhs_dilation or ())) and all(d == 1 for d in (rhs_dilation or ())))
+
+
+def conv_general(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count=1, precision=None,
+                 preferred_element_type=None, out_sharding=None) -> jax.Array:
+  """`jax.lax.conv_general_dilated`, with 1x1 convs and patch embeddings as matmuls.
+
+  A stride-1 unpadded 1x1 conv is `matmul(x, kernel)`; a conv whose stride equals its kernel size,
+  unpadded, is a matmul of the non-overlapping (kh, kw, C) patches with the kernel reshaped to
+  (kh * kw * C, O) (a trailing remainder that the conv would skip is cropped). The same sums in
+  the same order of terms; on XLA:CPU the HRNet head's 1x1 convs ran ~8x faster as matmuls
+  (docs/stack.md §12). Everything else goes to the conv.
+  """
+  args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+          feature_group_count, precision, preferred_element_type, out_sharding)
+  if (not _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                      feature_group_count)
+      or any(p != (0, 0) for p in map(tuple, padding))):
+    return _conv_fallback(*args)
+  kh, kw, cin, out_ch = rhs.shape
+  kwargs = dict(precision=precision, preferred_element_type=preferred_element_type)
+  if (kh, kw) == (1, 1) and tuple(window_strides) == (1, 1):
+    return matmul(lhs, rhs.reshape(cin, out_ch), **kwargs)
+  if tuple(window_strides) != (kh, kw):
+    return _conv_fallback(*args)
+  n, h, w = lhs.shape[0], lhs.shape[1] // kh, lhs.shape[2] // kw
+  patches = lhs[:, :h * kh, :w * kw].reshape(n, h, kh, w, kw, cin)
+  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(n, h, w, kh * kw * cin)
+  return matmul(patches, rhs.reshape(-1, out_ch), **kwargs)
 
 
 def conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -70,22 +166,45 @@ def conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
   (kh * kw * I, O): the same sum in another order. Under `jax.vmap` over the kernel this is one
   batched matmul, where the conv becomes a grouped conv that XLA:CPU runs 10-30x slower
   (benchmarks/RESULTS.md, "MLoRE per-task convs"). Anything else (strides, dilation, groups)
-  goes to the conv itself. Signature as nnx.Conv calls it (`conv_general_dilated=`).
+  goes to `conv_general`. Signature as nnx.Conv calls it (`conv_general_dilated=`).
   """
-  simple = (all(s == 1 for s in window_strides) and feature_group_count == 1
-            and all(d == 1 for d in (lhs_dilation or ())) and not isinstance(padding, str)
-            and all(d == 1 for d in (rhs_dilation or ())) and lhs.ndim == 4)
-  if not simple:
-    return jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, precision=precision, preferred_element_type=preferred_element_type,
-        out_sharding=out_sharding)
+  if (not _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                      feature_group_count) or any(s != 1 for s in window_strides)):
+    return conv_general(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                        dimension_numbers, feature_group_count, precision, preferred_element_type,
+                        out_sharding)
   kh, kw, _, out_ch = rhs.shape
   x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
   h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
   cols = jnp.concatenate([x[:, i:i + h, j:j + w] for i in range(kh) for j in range(kw)], axis=-1)
-  return jnp.dot(cols, rhs.reshape(-1, out_ch), precision=precision,
-                 preferred_element_type=preferred_element_type)
+  return matmul(cols, rhs.reshape(-1, out_ch), precision=precision,
+                preferred_element_type=preferred_element_type)
+
+
+class DropPath(nnx.Dropout):
+  """Stochastic depth (timm DropPath): nnx.Dropout with one draw per sample, stream 'dropout'.
+
+  The same key, mask bits and `select(mask, x / keep, 0)` as `nnx.Dropout(rate,
+  broadcast_dims=<all but the batch axis>)`. Only the (B, 1, ..., 1) mask passes through an exact
+  `sqrt` of its 0/1 values first: XLA counts sqrt as expensive and does not fuse an expensive
+  producer into a consumer that reuses its elements (the broadcast), so the mask is computed once.
+  Without it XLA:CPU fused the mask's threefry hash into the elementwise loop over the whole
+  activation and recomputed it for every element, ~0.6 s of a 7 s Swin-T train step
+  (`optimization_barrier` does not help: XLA:CPU removes it before fusion; docs/stack.md §12).
+  """
+
+  def __init__(self, rate: float, *, rngs: nnx.Rngs):
+    super().__init__(rate, rngs=rngs)
+
+  def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
+               rngs=None) -> jax.Array:
+    off = self.deterministic if deterministic is None else deterministic
+    if off or self.rate == 0.0:
+      return inputs
+    ones = jnp.ones((inputs.shape[0],) + (1,) * (inputs.ndim - 1), jnp.float32)
+    mask = jnp.sqrt(super().__call__(ones, deterministic=False, rngs=rngs)) > 0
+    return jax.lax.select(jnp.broadcast_to(mask, inputs.shape), inputs / (1.0 - self.rate),
+                          jnp.zeros_like(inputs))
 
 
 class BatchNorm(nnx.Module):

@@ -27,9 +27,8 @@ from mtl_jax.models import layers
 def base_linear(in_features: int, out_features: int, *, use_bias: bool = True,
                 dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
   """nn.Linear with the Swin init: trunc_normal(.02) kernel, zero bias (mtlora.md §2)."""
-  return nnx.Linear(in_features, out_features, use_bias=use_bias,
-                    kernel_init=layers.trunc_normal(0.02), bias_init=nnx.initializers.zeros,
-                    dtype=dtype, rngs=rngs)
+  return layers.linear(in_features, out_features, use_bias=use_bias,
+                       kernel_init=layers.trunc_normal(0.02), dtype=dtype, rngs=rngs)
 
 
 class MTLoRALinear(nnx.Module):
@@ -70,7 +69,8 @@ class MTLoRALinear(nnx.Module):
 
   def _delta(self, x: jax.Array, a: nnx.Param, b: nnx.Param, scale: float) -> jax.Array:
     """((x A) B) * scale, in the reference's evaluation order."""
-    return (x.astype(self.dtype) @ a[...].astype(self.dtype)) @ b[...].astype(self.dtype) * scale
+    down = layers.matmul(x.astype(self.dtype), a[...].astype(self.dtype))
+    return layers.matmul(down, b[...].astype(self.dtype)) * scale
 
   def __call__(self, x: jax.Array, x_tasks: Mapping[str, jax.Array] | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:

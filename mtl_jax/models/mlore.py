@@ -54,7 +54,7 @@ def _conv2d(x: jax.Array, kernel: jax.Array, matmul: bool = False) -> jax.Array:
   """Stride-1 'same' NHWC conv with an HWIO kernel of odd size, no bias; `matmul`: as
   patches @ kernel (layers.conv_as_matmul), for kernels that differ along a vmapped axis."""
   pad = kernel.shape[0] // 2
-  conv = layers.conv_as_matmul if matmul else jax.lax.conv_general_dilated
+  conv = layers.conv_as_matmul if matmul else layers.conv_general
   return conv(x, kernel, (1, 1), [(pad, pad)] * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
@@ -104,12 +104,12 @@ class LowRankExperts(nnx.Module):
         sl = slice(start, start + r)
         start += r
         y = _conv2d(x, down[..., sl], self.matmul) + down_bias[sl].astype(self.dtype)
-        y = y @ up[sl] + up_bias[i].astype(self.dtype)
+        y = layers.matmul(y, up[sl]) + up_bias[i].astype(self.dtype)
         out = out + gates[:, i, None, None, None] * y
       return out
     y = _conv2d(x, down, self.matmul) + down_bias.astype(self.dtype)
     y = y * self._rank_scale(gates)[:, None, None]
-    return y @ up + (gates @ up_bias.astype(self.dtype))[:, None, None]
+    return layers.matmul(y, up) + (gates @ up_bias.astype(self.dtype))[:, None, None]
 
   def dense(self, gates: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The gated mixture as one dense 3x3 conv per sample: kernels (B, 3, 3, C, C), biases (B, C).

@@ -125,8 +125,8 @@ class HRNetDecoder(nnx.Module):
                         f'backbone stage ({len(dims)}), or none')
     self.tasks = tuple(tasks)
     self.downsampler = nnx.Dict({t: nnx.List([
-        nnx.Conv(d, c, (1, 1), use_bias=False, kernel_init=layers.torch_kernel_init(),
-                 dtype=dtype, rngs=rngs) for d, c in zip(dims, channels)]) for t in tasks}
+        layers.conv(d, c, 1, use_bias=False, dtype=dtype, rngs=rngs)
+        for d, c in zip(dims, channels)]) for t in tasks}
                                ) if channels else None
 
   def __call__(self, features: backbone_lib.Features) -> tuple[dict[str, jax.Array], dict]:

@@ -241,7 +241,7 @@ class SwinBlock(nnx.Module):
     self.norm2 = layer_norm(dim, dtype, rngs)
     self.mlp = Mlp(linear('fc1', dim, hidden), linear('fc2', hidden, dim))
     # timm DropPath: one mask per sample, kept samples scaled by 1 / keep; a fresh mask per call.
-    self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2, 3), rngs=rngs)
+    self.drop_path = layers.DropPath(drop_path, rngs=rngs)
 
   def __call__(self, x: jax.Array, prompts: jax.Array | None = None) -> Streams:
     """`prompts` (G, T, C): ProMLoRA's deep prompts of this block for G groups of the batch

@@ -34,8 +34,7 @@ VARIANTS = {
 
 def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
   """nn.Linear with timm ViT init: trunc_normal(.02) weight, zero bias (docs/mlore.md §3.6)."""
-  return nnx.Linear(din, dout, kernel_init=layers.trunc_normal(0.02),
-                    bias_init=nnx.initializers.zeros, dtype=dtype, rngs=rngs)
+  return layers.linear(din, dout, kernel_init=layers.trunc_normal(0.02), dtype=dtype, rngs=rngs)
 
 
 def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -82,7 +81,7 @@ class Block(nnx.Module):
     self.norm2 = _layer_norm(dim, dtype, rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
     # One mask per sample (broadcast over tokens and channels), kept samples scaled by 1/keep.
-    self.drop_path = nnx.Dropout(drop_path, broadcast_dims=(1, 2), rngs=rngs)
+    self.drop_path = layers.DropPath(drop_path, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x + self.drop_path(self.attn(self.norm1(x)))
