@@ -123,8 +123,8 @@ def _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers
       getattr(dimension_numbers, 'lhs_spec', None) == (0, 3, 1, 2)
       and dimension_numbers.rhs_spec == (3, 2, 0, 1) and dimension_numbers.out_spec == (0, 3, 1, 2))
   return (nhwc and feature_group_count == 1 and lhs.ndim == 4 and rhs.ndim == 4
-          and not isinstance(padding, str)
-          and all(d == 1 for d in (lhs_dilation or ())) and all(d == 1 for d in (rhs_dilation or ())))
+          and not isinstance(padding, str) and all(d == 1 for d in (lhs_dilation or ()))
+          and all(d == 1 for d in (rhs_dilation or ())))
 
 
 def conv_general(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
