@@ -343,3 +343,74 @@ def test_unrolled_threefry_gives_the_same_random_bits():
   mask = jax.jit(lambda k: jax.random.bernoulli(k, 0.95, (999,)))(jax.random.fold_in(k, 1))
   assert (np.asarray(bits).tobytes().hex() + np.packbits(np.asarray(mask)).tobytes().hex()
           == default)
+
+
+@pytest.mark.parametrize('shape', [(7, 5), (2, 3, 7, 5), (2, 9, 5)])
+def test_matmul_and_linear_equal_the_plain_dot(shape):
+  """layers.matmul / layers.linear merge the leading axes: the same products and sums as x @ w,
+  values and gradients (docs/stack.md §12)."""
+  x = jax.random.normal(jax.random.key(0), shape)
+  w = jax.random.normal(jax.random.key(1), (5, 6))
+  np.testing.assert_allclose(layers.matmul(x, w), x @ w, rtol=1e-6, atol=1e-6)
+  g = jax.grad(lambda w: jnp.sum(jnp.sin(layers.matmul(x, w))))(w)
+  np.testing.assert_allclose(g, jax.grad(lambda w: jnp.sum(jnp.sin(x @ w)))(w), rtol=1e-5,
+                             atol=1e-5)
+  lin = layers.linear(5, 6, kernel_init=nnx.initializers.lecun_normal(), rngs=nnx.Rngs(0))
+  ref = nnx.Linear(5, 6, kernel_init=nnx.initializers.lecun_normal(), rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(lin(x), ref(x), rtol=1e-6, atol=1e-6)
+  # A contraction that is not (..., K) x (K, N) goes to lax.dot_general unchanged.
+  y = layers.dot_general(w, x.reshape(-1, 5), (((0,), (1,)), ((), ())))
+  np.testing.assert_allclose(y, w.T @ x.reshape(-1, 5).T, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize('kernel,stride,pad,size', [
+    (1, 1, 0, (9, 11)),   # 1x1 conv -> matmul
+    (4, 4, 0, (16, 20)),  # patch embedding -> patches @ kernel
+    (4, 4, 0, (18, 23)),  # patch embedding with a remainder the conv skips
+    (3, 1, 1, (9, 11)),   # 3x3 'same' -> the conv itself
+    (3, 2, 0, (9, 11)),   # strided, overlapping -> the conv itself
+])
+def test_conv_general_equals_the_conv(kernel, stride, pad, size):
+  """layers.conv_general (1x1 convs and patch embeddings as matmuls) and conv_as_matmul compute
+  lax.conv_general_dilated's function, values and gradients."""
+  x = jax.random.normal(jax.random.key(0), (2, *size, 3))
+  k = jax.random.normal(jax.random.key(1), (kernel, kernel, 3, 8))
+  args = ((stride, stride), [(pad, pad)] * 2)
+  dn = ('NHWC', 'HWIO', 'NHWC')
+  ref = lambda x, k: jax.lax.conv_general_dilated(x, k, *args, dimension_numbers=dn)
+  fns = [layers.conv_general] + ([layers.conv_as_matmul] if stride == 1 else [])
+  for fn in fns:
+    got = lambda x, k, fn=fn: fn(x, k, *args, dimension_numbers=dn)
+    np.testing.assert_allclose(got(x, k), ref(x, k), rtol=1e-5, atol=1e-5)
+    loss = lambda f: jax.grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), argnums=(0, 1))(x, k)
+    for a, b in zip(loss(got), loss(ref)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+  conv = layers.conv(3, 8, kernel, stride=stride, rngs=nnx.Rngs(0))
+  np.testing.assert_allclose(conv(x), ref(x, conv.kernel[...]) + conv.bias[...], rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_drop_path_keeps_nnx_dropout_masks():
+  """layers.DropPath draws the very keys and masks of nnx.Dropout(broadcast over all but the
+  batch axis) and computes select(mask, x / keep, 0); eval mode and rate 0 are the identity."""
+  x = jax.random.normal(jax.random.key(1), (16, 5, 6, 7))
+  ref = nnx.Dropout(0.3, broadcast_dims=(1, 2, 3), rngs=nnx.Rngs(dropout=3))
+  drop = layers.DropPath(0.3, rngs=nnx.Rngs(dropout=3))
+  step = nnx.jit(lambda m, x: m(x))
+  for _ in range(3):
+    np.testing.assert_array_equal(step(drop, x), ref(x))
+  drop.eval()
+  np.testing.assert_array_equal(drop(x), x)
+  np.testing.assert_array_equal(layers.DropPath(0.0, rngs=nnx.Rngs(0))(x), x)
+
+
+def test_gelu_is_torch_exact_gelu():
+  """layers.gelu is x/2 (1 + erf(x/sqrt 2)), torch's nn.GELU(); equal to jax's erfc form to
+  float32 rounding (docs/stack.md §12)."""
+  x = jnp.linspace(-9.0, 9.0, 20001)
+  np.testing.assert_allclose(layers.gelu(x), jax.nn.gelu(x, approximate=False), rtol=0,
+                             atol=2e-6)
+  np.testing.assert_allclose(jax.grad(lambda x: layers.gelu(x).sum())(x),
+                             jax.grad(lambda x: jax.nn.gelu(x, approximate=False).sum())(x),
+                             rtol=0, atol=2e-6)
+  assert layers.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
