@@ -367,7 +367,7 @@ def test_matmul_and_linear_equal_the_plain_dot(shape):
     (1, 1, 0, (9, 11)),   # 1x1 conv -> matmul
     (4, 4, 0, (16, 20)),  # patch embedding -> patches @ kernel
     (4, 4, 0, (18, 23)),  # patch embedding with a remainder the conv skips
-    (3, 1, 1, (9, 11)),   # 3x3 'same' -> the conv itself
+    (3, 1, 1, (9, 11)),   # 3x3 'same' -> im2col on CPU
     (3, 2, 0, (9, 11)),   # strided, overlapping -> the conv itself
 ])
 def test_conv_general_equals_the_conv(kernel, stride, pad, size):

@@ -94,9 +94,10 @@ def conv(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1,
   """nn.Conv2d(in_ch, out_ch, k, stride) with PyTorch's default init (unless overridden).
 
   Stride-1 convs pad k // 2 on each side ("same" for odd k); strided convs (the patch
-  embedding) are unpadded. 1x1 convs and patch embeddings (kernel = stride) run as matmuls
-  (`conv_general`); `matmul=True` computes every conv as `conv_as_matmul` does: for convs with
-  per-task kernels run under `jax.vmap`, which XLA would otherwise lower to grouped convs.
+  embedding) are unpadded. 1x1 convs, patch embeddings (kernel = stride) and, on CPU, every
+  stride-1 conv run as matmuls (`conv_general`); `matmul=True` computes the conv as
+  `conv_as_matmul` does on every backend: for convs with per-task kernels run under `jax.vmap`,
+  which XLA would otherwise lower to grouped convs.
   """
   pad = kernel_size // 2 if stride == 1 else 0
   fan_in = in_ch * kernel_size * kernel_size
@@ -130,36 +131,51 @@ def _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers
 def conv_general(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                  dimension_numbers=None, feature_group_count=1, precision=None,
                  preferred_element_type=None, out_sharding=None) -> jax.Array:
-  """`jax.lax.conv_general_dilated`, with 1x1 convs and patch embeddings as matmuls.
+  """`jax.lax.conv_general_dilated`, with the convs XLA:CPU runs badly as matmuls.
 
-  A stride-1 unpadded 1x1 conv is `matmul(x, kernel)`; a conv whose stride equals its kernel size,
-  unpadded, is a matmul of the non-overlapping (kh, kw, C) patches with the kernel reshaped to
-  (kh * kw * C, O) (a trailing remainder that the conv would skip is cropped). The same sums in
-  the same order of terms; on XLA:CPU the HRNet head's 1x1 convs ran ~8x faster as matmuls
-  (docs/stack.md §12). Everything else goes to the conv.
+  - a stride-1 unpadded 1x1 conv is `matmul(x, kernel)`;
+  - a conv whose stride equals its kernel size, unpadded (a patch embedding), is a matmul of the
+    non-overlapping (kh, kw, C) patches with the kernel reshaped to (kh * kw * C, O) (a trailing
+    remainder that the conv would skip is cropped);
+  - on the CPU backend, any other stride-1 conv is im2col (`conv_as_matmul`).
+  The same function (the same products; sums in another order). On XLA:CPU the HRNet head's 1x1
+  convs ran ~8x and MLoRE's 3x3 convs ~2.7x faster so (docs/stack.md §12); on GPU/TPU the 3x3
+  convs stay convs (cuDNN / the TPU conv units). Everything else goes to the conv.
   """
   args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
           feature_group_count, precision, preferred_element_type, out_sharding)
-  if (not _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-                      feature_group_count)
-      or any(p != (0, 0) for p in map(tuple, padding))):
+  if not _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+                     feature_group_count):
     return _conv_fallback(*args)
   kh, kw, cin, out_ch = rhs.shape
   kwargs = dict(precision=precision, preferred_element_type=preferred_element_type)
-  if (kh, kw) == (1, 1) and tuple(window_strides) == (1, 1):
+  unpadded = all(tuple(p) == (0, 0) for p in padding)
+  stride_1 = all(s == 1 for s in window_strides)
+  if (kh, kw) == (1, 1) and stride_1 and unpadded:
     return matmul(lhs, rhs.reshape(cin, out_ch), **kwargs)
-  if tuple(window_strides) != (kh, kw):
-    return _conv_fallback(*args)
-  n, h, w = lhs.shape[0], lhs.shape[1] // kh, lhs.shape[2] // kw
-  patches = lhs[:, :h * kh, :w * kw].reshape(n, h, kh, w, kw, cin)
-  patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(n, h, w, kh * kw * cin)
-  return matmul(patches, rhs.reshape(-1, out_ch), **kwargs)
+  if tuple(window_strides) == (kh, kw) and unpadded:
+    n, h, w = lhs.shape[0], lhs.shape[1] // kh, lhs.shape[2] // kw
+    patches = lhs[:, :h * kh, :w * kw].reshape(n, h, kh, w, kw, cin)
+    patches = patches.transpose(0, 1, 3, 2, 4, 5).reshape(n, h, w, kh * kw * cin)
+    return matmul(patches, rhs.reshape(-1, out_ch), **kwargs)
+  if stride_1 and jax.default_backend() == 'cpu':
+    return _im2col(lhs, rhs, padding, **kwargs)
+  return _conv_fallback(*args)
+
+
+def _im2col(lhs, rhs, padding, **kwargs) -> jax.Array:
+  kh, kw, _, out_ch = rhs.shape
+  x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  cols = jnp.concatenate([x[:, i:i + h, j:j + w] for i in range(kh) for j in range(kw)], axis=-1)
+  return matmul(cols, rhs.reshape(-1, out_ch), **kwargs)
 
 
 def conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                    dimension_numbers=None, feature_group_count=1, precision=None,
                    preferred_element_type=None, out_sharding=None) -> jax.Array:
-  """`jax.lax.conv_general_dilated` for NHWC x HWIO stride-1 convs as patches @ kernel.
+  """`jax.lax.conv_general_dilated` for NHWC x HWIO stride-1 convs as patches @ kernel, on
+  every backend.
 
   The kh * kw shifted views of the padded input are concatenated on the channel axis in HWI
   order (a 1x1 conv is a plain matmul) and contracted with the kernel reshaped to
@@ -173,12 +189,8 @@ def conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
     return conv_general(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                         dimension_numbers, feature_group_count, precision, preferred_element_type,
                         out_sharding)
-  kh, kw, _, out_ch = rhs.shape
-  x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-  cols = jnp.concatenate([x[:, i:i + h, j:j + w] for i in range(kh) for j in range(kw)], axis=-1)
-  return matmul(cols, rhs.reshape(-1, out_ch), precision=precision,
-                preferred_element_type=preferred_element_type)
+  return _im2col(lhs, rhs, padding, precision=precision,
+                 preferred_element_type=preferred_element_type)
 
 
 class DropPath(nnx.Dropout):
