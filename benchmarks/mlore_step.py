@@ -13,6 +13,7 @@ benchmarks/RESULTS.md with the machine, date and command.
 """
 
 import os
+import resource
 import sys
 import tempfile
 
@@ -49,7 +50,8 @@ def main(argv):
     name = 'fused experts' if fused else 'per-expert loop'
     results[fused] = med
     print(f'MLoRE ViT-{_VIT.value} 512x512 batch 2 fp32 | {name}: compile {compile_s:.1f} s | '
-          f'median {med * 1e3:.0f} ms/step (min {fastest * 1e3:.0f}) | {2 / med:.3f} img/s',
+          f'median {med * 1e3:.0f} ms/step (min {fastest * 1e3:.0f}) | {2 / med:.3f} img/s | '
+          f'peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB',
           flush=True)
   if _LOOP.value:
     print(f'speedup of the fused experts over the loop: {results[False] / results[True]:.2f}x')
