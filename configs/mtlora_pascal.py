@@ -29,7 +29,8 @@ mtl_jax/tools/convert.py, docs/mtlora.md §7); LoRA B = 0 then makes the model s
 the pretrained backbone.
 
 Runtime: unmeasured on accelerators. On the 2-core CPU one fp32 train step of batch 2 takes
-the time in benchmarks/RESULTS.md (benchmarks/mtlora_step.py); the full recipe is GPU/TPU work.
+4.2 s after a ~55 s compile (2026-12-03, benchmarks/mtlora_step.py; the official PyTorch code
+4.8-4.9 s side by side, benchmarks/RESULTS.md); the full recipe is GPU/TPU work.
 
 Expected (docs/datasets_metrics.md §5.3, paper, MTLoRA r=64): semseg mIoU 67.90, human_parts
 mIoU 59.84, saliency mIoU 65.40, normals mean 16.60 deg, Δm +2.55% (community reproduction:

@@ -169,3 +169,13 @@ def test_gpu_suite_cpu_mode():
     assert r['loss_finite'] and r['perf/img_per_sec'] > 0, r
     assert r['perf/flops_per_device_step'] > 1e6 and r['perf/peak_memory_bytes'] > 2 ** 20, r
   assert 'img/s' in out.stdout
+
+
+def test_cpu_layers_benchmark_runs_and_checks_agreement():
+  """benchmarks/cpu_layers.py --small: every layer's old and new lowering agree (it exits
+  non-zero otherwise) and a row with both times is printed per layer (no speed claim here)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', 'cpu_layers.py'),
+                        '--small', '--repeats=1'], capture_output=True, text=True, check=True)
+  rows = [line for line in out.stdout.splitlines() if line.endswith('x')]
+  assert len(rows) == 4, out.stdout
