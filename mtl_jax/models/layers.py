@@ -54,7 +54,7 @@ def matmul(x: jax.Array, w: jax.Array, **kwargs) -> jax.Array:
   whose lhs has more than two axes gets its weight gradient (a contraction over all leading axes)
   lowered through a transposed copy of the incoming gradient inside an elementwise fusion, which
   made a Swin-T Linear's forward + backward 3.5x slower than this 2-D form (docs/stack.md §12;
-  benchmarks/RESULTS.md, "MTLoRA train step"). Accelerators canonicalise dots to 2-D anyway.
+  benchmarks/RESULTS.md, "MTLoRA step on XLA:CPU"). Accelerators canonicalise dots to 2-D anyway.
   `kwargs` go to `jnp.dot` (precision, preferred_element_type).
   """
   if x.ndim <= 2 or w.ndim != 2:
@@ -119,8 +119,8 @@ def _conv_fallback(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation
 
 def _plain_nhwc(lhs, rhs, padding, lhs_dilation, rhs_dilation, dimension_numbers,
                 feature_group_count) -> bool:
-  """An NHWC x HWIO conv without dilation or groups, with explicit padding."""
-  nhwc = dimension_numbers in (None, ('NHWC', 'HWIO', 'NHWC')) or (
+  """An NHWC x HWIO conv (dimension numbers given) without dilation or groups, explicit padding."""
+  nhwc = dimension_numbers == ('NHWC', 'HWIO', 'NHWC') or (
       getattr(dimension_numbers, 'lhs_spec', None) == (0, 3, 1, 2)
       and dimension_numbers.rhs_spec == (3, 2, 0, 1) and dimension_numbers.out_spec == (0, 3, 1, 2))
   return (nhwc and feature_group_count == 1 and lhs.ndim == 4 and rhs.ndim == 4
@@ -139,7 +139,7 @@ def conv_general(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilat
     remainder that the conv would skip is cropped);
   - on the CPU backend, any other stride-1 conv is im2col (`conv_as_matmul`).
   The same function (the same products; sums in another order). On XLA:CPU the HRNet head's 1x1
-  convs ran ~8x and MLoRE's 3x3 convs ~2.7x faster so (docs/stack.md §12); on GPU/TPU the 3x3
+  convs ran 6-8x and MLoRE's 3x3 convs 1.8-2.7x faster so (docs/stack.md §12); on GPU/TPU the 3x3
   convs stay convs (cuDNN / the TPU conv units). Everything else goes to the conv.
   """
   args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
