@@ -144,8 +144,9 @@ def test_vit_l_fsdp_state_bytes_per_device():
 def test_fsdp_step_equals_the_replicated_one(tfds_dir, tmp_path):
   """Two train steps of the MLoRE smoke config (2 tasks) on 4 devices with parameters and
   optimizer state sharded (ViT-L's fsdp:data rule) and replicated: the same loss, per-task losses
-  and gradient norm at both steps (the second after a sharded update) to 1e-5 (step 2's gradient
-  norm to 1e-4); the FSDP state is split."""
+  and gradient norm at both steps (the second after a sharded update) to 1e-5; the FSDP state is
+  split. (With all 5 tasks, step 2's gradient norm differed by 2.8e-5: the sharded matmuls sum
+  in another order and Adam's first update amplifies that in near-zero gradient entries.)"""
   results = []
   for rules in ((('.*', 'fsdp:data'),), (('.*', 'replicate'),)):
     c = mlore_pascal.get_config('smoke')
@@ -165,7 +166,4 @@ def test_fsdp_step_equals_the_replicated_one(tfds_dir, tmp_path):
   assert n_repl == 0 and n_split > 0.9 * len(jax.tree.leaves(state.params)) - 40
   for step, (s_f, s_r) in enumerate(zip(fsdp, repl)):
     for key in s_r:
-      # Step 2's gradient norm: the sharded dots sum in another order (~5e-7 at step 1), and
-      # Adam's first update g / (|g| + eps) amplifies that in near-zero gradient entries.
-      rtol = 1e-4 if (step, key) == (1, 'grad_norm') else 1e-5
-      np.testing.assert_allclose(s_f[key], s_r[key], rtol=rtol, err_msg=f'step {step}: {key}')
+      np.testing.assert_allclose(s_f[key], s_r[key], rtol=1e-5, err_msg=f'step {step}: {key}')
