@@ -41,8 +41,24 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 2
   c.num_eval_images = 4  # examples drawn in the prediction grid at every eval
   c.init_from = ''  # weights-only start: a checkpoint dir (see mtl_jax/checkpoint.py)
-  # The training method (mtl_jax/methods): 'mtl' = the weighted sum of the task losses.
+  # Two-stage training (docs/methods.md §6): also take init_from's optimizer state for the leaves
+  # trainable in both stages; the schedule then 'restart's at step 0 (the fork) or 'continue's.
+  c.init_opt_state = False
+  c.init_schedule = 'restart'
+  # The training method (mtl_jax/methods, docs/methods.md): 'mtl' = the weighted sum of the task
+  # losses; 'maml' | 'reptile' | 'metasgd' | 'taml' (the fork's meta-learning); 'uncertainty' |
+  # 'dwa' | 'pcgrad' | 'famo' (task weighting and gradient surgery). Their keys:
   c.method = 'mtl'
+  c.maml = ml_collections.ConfigDict(dict(  # maml, metasgd, taml, reptile (the fork's defaults)
+      inner_steps=1, inner_lr=1e-3, first_order=True))
+  c.metasgd = ml_collections.ConfigDict(dict(init=1e-3))  # initial inner learning rates
+  c.taml = ml_collections.ConfigDict(dict(lam=0.0, in_gradient=False))  # spread regulariser
+  c.uncertainty = ml_collections.ConfigDict(dict(init=-0.5))  # initial log variances s_t
+  c.dwa = ml_collections.ConfigDict(dict(temperature=2.0, period=100))  # period: steps per "epoch"
+  c.famo = ml_collections.ConfigDict(dict(lr=0.025, gamma=0.01))  # logit Adam lr, its L2 decay
+  # Gradient-conflict diagnostics (mtl_jax/methods/conflict.py): every_steps N (0 = off);
+  # steps_per_epoch only labels the lines of conflict_ratio.txt (0: epoch 0, batch = step - 1).
+  c.conflict = ml_collections.ConfigDict(dict(every_steps=0, steps_per_epoch=0))
   # What every eval computes (mtl_jax/evaluators); eval_boundary / save_predictions below add
   # 'boundary' / 'save_predictions'.
   c.evaluators = ('metrics', 'prediction_grid')

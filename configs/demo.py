@@ -32,15 +32,17 @@ the heads at 1/4 resolution (282,323 parameters), batch 16: ~5 min on the same m
 (it compiles in seconds).
 
 Args (`--config=configs/demo.py:smoke,model=vit_baseline`): model ('mlore' | 'vit_baseline'),
-smoke (shrinks model and schedule: 6 steps; tests and CPU checks).
+method (`config.method`, docs/methods.md; default 'mtl'), smoke (shrinks model and schedule: 6
+steps; tests and CPU checks).
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, model='mlore', smoke=False)
+  arg = common.parse_arg(arg, model='mlore', method='mtl', smoke=False)
   c = common.get_config()
+  c.method = arg.method  # mtl_jax/methods, docs/methods.md
   c.dataset.name = 'synthetic_scenes/small'
   c.dataset.build_if_missing = True
   c.tasks = 'semseg,human_parts,sal,normals,depth,edge'

@@ -21,5 +21,5 @@ NYUD_TASKS = 'semseg+normals+depth+edge'
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, rank=64, task_rank=4, plus=False, variant='T', recipe='mtlora',
-                         tasks=NYUD_TASKS, epochs=300, smoke=False)
+                         method='mtl', tasks=NYUD_TASKS, epochs=300, smoke=False)
   return mtlora_pascal.experiment(arg, model='mtlora', dataset='nyud_v2')

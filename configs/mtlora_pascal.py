@@ -4,6 +4,28 @@ r"""MTLoRA (Swin-T, ImageNet-1k init) on PASCAL-Context, the official recipe (do
       --config.dataset.data_dir=DATA_DIR --config.init_from=CONVERTED_SWIN_T_IMAGENET
   python launch.py --config=configs/mtlora_pascal.py:rank=16,plus --workdir=runs/mtlora_plus_r16
 
+Two-stage training (the fork's `_stage1` / `_stage2`, docs/methods.md §6), one command per stage:
+
+  python launch.py --config=configs/mtlora_pascal.py:recipe=freeze_ts_lora --workdir=runs/stage1 \
+      --config.dataset.data_dir=DATA_DIR --config.init_from=CONVERTED_SWIN_T_IMAGENET
+  python launch.py --config=configs/mtlora_pascal.py:recipe=freeze_ta_lora --workdir=runs/stage2 \
+      --config.dataset.data_dir=DATA_DIR --config.init_from=runs/stage1 --config.init_opt_state=True
+
+Without `init_opt_state` stage 2 takes the weights only; the schedule restarts at step 0 (the
+fork's behaviour) unless `--config.init_schedule=continue` (total_steps then counts both stages).
+
+The fork's meta-learning (`_pertask_maml` etc., docs/methods.md §2-§3): only the LoRA trains, the
+decoders stay at their initialisation unless loaded (`recipe=mtlora` trains them too):
+
+  python launch.py --config=configs/mtlora_pascal.py:method=maml,recipe=lora_only \
+      --workdir=runs/maml --config.dataset.data_dir=DATA_DIR --config.init_from=CONVERTED_SWIN_T
+  (method=reptile | metasgd | taml likewise; --config.maml.inner_lr=0.001
+  --config.maml.inner_steps=1 --config.taml.lam=0.1; any config: method=uncertainty | dwa |
+  pcgrad | famo)
+
+Gradient-conflict ratio every 50 steps (the fork's TRAIN.ENABLE_CONFLICT_RATIO, written to
+WORKDIR/conflict_ratio.txt with this config's epochs): `--config.conflict.every_steps=50`.
+
 Model: Swin-T 448x448 with MTLoRA (TA-LoRA rank `rank` on every qkv/proj/fc1/fc2, TS-LoRA rank
 `task_rank` per task on proj/fc1/fc2 of the last block of each stage, scales 4.0, LoRA dropout
 0.05; `plus`: MTLoRA+, TA-LoRA on the PatchMerging reductions too), per-task 1x1 downsamplers to
@@ -37,7 +59,8 @@ mIoU 59.84, saliency mIoU 65.40, normals mean 16.60 deg, Δm +2.55% (community r
 68.38 / 59.58 / 63.85 / 16.76).
 
 Args: rank (64), task_rank (4), plus (False), variant ('T' | 'S' | 'B'), recipe ('mtlora' |
-'full' | 'freeze_backbone' | 'freeze_ta_lora' | 'freeze_ts_lora'), tasks ('+'-separated, e.g.
+'full' | 'freeze_backbone' | 'freeze_ta_lora' | 'freeze_ts_lora' | 'lora_only'), method
+(`config.method`, default 'mtl'), tasks ('+'-separated, e.g.
 `tasks=semseg+sal`), epochs (300), smoke (a two-stage Swin of width 8 on synthetic_scenes/tiny at
 32x32, rank 4 / task rank 2, fp32, 6 steps of batch 4: tests and CPU checks; compiles in about
 30 s on 2 CPU cores).
@@ -52,7 +75,7 @@ PASCAL_TASKS = 'semseg+normals+sal+human_parts'
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, rank=64, task_rank=4, plus=False, variant='T', recipe='mtlora',
-                         tasks=PASCAL_TASKS, epochs=300, smoke=False)
+                         method='mtl', tasks=PASCAL_TASKS, epochs=300, smoke=False)
   return experiment(arg, model='mtlora', dataset='pascal_context')
 
 
@@ -61,6 +84,7 @@ def experiment(arg, *, model: str, dataset: str):
   configs/{mtlora,swin}_{pascal,nyud}.py). `arg` has variant, recipe, tasks, epochs, smoke and,
   for 'mtlora', rank, task_rank and plus."""
   c = common.get_config()
+  c.method = arg.get('method', 'mtl')
   c.dataset.name = dataset
   c.tasks = arg.tasks.replace('+', ',')  # ',' separates config args, '+' tasks
   c.convention = 'mtlora'
@@ -97,6 +121,7 @@ def experiment(arg, *, model: str, dataset: str):
   c.total_steps = steps_per_epoch * arg.epochs
   c.log_every_steps = 50
   c.eval_every_steps = steps_per_epoch * 5
+  c.conflict.steps_per_epoch = steps_per_epoch  # labels of conflict_ratio.txt
   c.checkpoint_every_steps = steps_per_epoch * 20
   c.optimizer.update(name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
                      grad_clip_norm=5.0, decay_1d=False, no_decay=())

@@ -19,6 +19,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mtl_jax import sharding
+
 STATE, DATA, CONFIG = 'state', 'data', 'config'
 
 
@@ -112,6 +114,23 @@ def load_weights(path) -> tuple[dict, dict]:
   params = _merge(restored['params'], restored.get('frozen', {}))
   logging.info('Loaded weights from %s', item_dir)
   return params, restored.get('batch_stats', {})
+
+
+def load_optimizer_state(path) -> tuple[int, dict[str, np.ndarray]]:
+  """(step, {leaf path: array} of the optimizer state) of the training checkpoint at `path`."""
+  item_dir = _state_item_dir(path)
+  checkpointer = ocp.PyTreeCheckpointer()
+  metadata = checkpointer.metadata(item_dir).item_metadata.tree
+  if 'opt_state' not in metadata:
+    raise ValueError(f'{str(item_dir)!r} is a weights-only checkpoint (no optimizer state); give '
+                     'a training workdir or set --config.init_opt_state=False')
+  wanted = {k: metadata[k] for k in ('step', 'opt_state')}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
+  restored = checkpointer.restore(
+      item_dir, args=ocp.args.PyTreeRestore(item=wanted, restore_args=restore_args,
+                                            partial_restore=True))
+  flat = jax.tree_util.tree_flatten_with_path(restored['opt_state'])[0]
+  return int(restored['step']), {sharding.path_str(p): np.asarray(v) for p, v in flat}
 
 
 def _merge(a: dict, b: dict) -> dict:

@@ -34,12 +34,14 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from mtl_jax import ConfigError
 from mtl_jax import checkpoint
 from mtl_jax import evaluators as evaluators_lib
 from mtl_jax import input_pipeline
 from mtl_jax import methods
+from mtl_jax.methods import conflict
 from mtl_jax import models
 from mtl_jax import optim
 from mtl_jax import perf
@@ -80,6 +82,16 @@ def validate_config(config, num_devices: int) -> dict[str, tasks_lib.Task]:
     if config[key] and config[key] % num_devices:
       raise ConfigError(f'config.{key}={config[key]} is not divisible by the {num_devices} '
                         f'devices of the mesh; use a multiple of {num_devices}')
+  if config.init_opt_state and not config.init_from:
+    raise ConfigError('config.init_opt_state needs --config.init_from=CHECKPOINT (the previous '
+                      "stage's workdir)")
+  if config.init_schedule not in ('restart', 'continue'):
+    raise ConfigError(f"config.init_schedule={config.init_schedule!r}; use 'restart' or 'continue'")
+  if int(config.conflict.every_steps) < 0:
+    raise ConfigError(f'config.conflict.every_steps={config.conflict.every_steps} must be >= 0 '
+                      '(0 = no conflict diagnostics)')
+  if config.conflict.every_steps and len(tasks) < 2:
+    raise ConfigError('config.conflict.every_steps needs at least two tasks in --config.tasks')
   if config.eval_boundary and 'edge' not in tasks:
     raise ConfigError('config.eval_boundary needs the edge task; add edge to --config.tasks or '
                       'set --config.eval_boundary=False')
@@ -136,6 +148,9 @@ class Trainer:
                               out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
     self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding, repl, batch),
                              out_shardings=(repl, batch))
+    self.conflict_step = jax.jit(functools.partial(conflict.measure, self.method),
+                                 in_shardings=(self.state_sharding, repl, batch),
+                                 out_shardings=repl)
 
   # -- state ---------------------------------------------------------------------------------
 
@@ -195,6 +210,41 @@ class Trainer:
     logging.info('Loaded %d arrays from %s; %d keep their initialisation%s', len(used), path,
                  len(kept), f' (e.g. {kept[:3]})' if kept else '')
     return state.replace(**weights)
+
+  def load_optimizer_state(self, state: TrainState, path) -> TrainState:
+    """The optimizer state of training checkpoint `path` for the leaves trainable here and there
+    (two-stage training, docs/methods.md §6): moments and Adam's count are copied, new leaves
+    start fresh; with `config.init_schedule='continue'` the step and the schedule's count continue
+    from the checkpoint, with 'restart' (the fork) they start at 0. Method state is not carried."""
+    step, saved = checkpoint.load_optimizer_state(path)
+    cont = self.config.init_schedule == 'continue'
+    if cont and step >= self.config.total_steps:
+      raise ConfigError(f'config.init_schedule=continue: the checkpoint is at step {step}, not '
+                        f'before config.total_steps={self.config.total_steps}; raise total_steps '
+                        '(it counts both stages) or use init_schedule=restart')
+    is_schedule = lambda x: isinstance(x, optax.ScaleByScheduleState)
+    schedule_counts = {
+        sharding.path_str(p) + '/count'
+        for p, _ in jax.tree_util.tree_flatten_with_path(state.opt_state, is_leaf=is_schedule)[0]
+        if is_schedule(_)}
+    copied = []
+
+    def replace(key_path, leaf):
+      name = sharding.path_str(key_path)
+      if name in schedule_counts and not cont:
+        return leaf
+      if name in saved and saved[name].shape == leaf.shape:
+        copied.append(name)
+        return jax.device_put(saved[name].astype(leaf.dtype), leaf.sharding)
+      return leaf
+
+    opt_state = jax.tree_util.tree_map_with_path(replace, state.opt_state)
+    logging.info('Optimizer state from %s: %d of %d arrays copied; schedule %s', path, len(copied),
+                 len(jax.tree.leaves(opt_state)), f'continues at step {step}' if cont else
+                 'restarts at step 0')
+    new_step = jnp.asarray(step if cont else 0, state.step.dtype)
+    return state.replace(opt_state=opt_state,
+                         step=jax.device_put(new_step, state.step.sharding))
 
   # -- model and evaluation --------------------------------------------------------------------
 
@@ -276,6 +326,8 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
     logging.info('Resumed from %s at step %d', ckpt.directory, latest)
   else:
     state = trainer.init_state()
+    if config.init_opt_state:
+      state = trainer.load_optimizer_state(state, config.init_from)
   reporting.log_parameters(state.params, state.frozen, writer, write_scalars=latest is None)
 
   step, total = int(state.step), config.total_steps
@@ -290,8 +342,12 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
   logging.info('Training steps %d..%d, global batch %d on %d devices (mesh %s)', step + 1, total,
                config.batch_size, jax.device_count(), dict(trainer.mesh.shape))
   train_step = cost = None
+  conflict_every = int(config.conflict.every_steps)
   while step < total:
     batch = sharding.global_batch(next(train_iter), trainer.mesh)
+    if conflict_every and (step + 1) % conflict_every == 0:  # before the update, as the fork
+      writer.write_scalars(step + 1, jax.device_get(trainer.conflict_step(state, trainer.rest,
+                                                                          batch)))
     if train_step is None:  # compiled once, ahead of time, for its cost analysis (perf.py)
       train_step = trainer.train_step.lower(state, trainer.rest, batch).compile()
       cost, t0 = perf.StepCost.of(train_step, config.perf_peak_flops), time.perf_counter()
@@ -328,6 +384,8 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
   ckpt.wait()
   ckpt.close()
   writer.close()
+  if conflict_every and jax.process_index() == 0:
+    conflict.write_file(workdir, int(config.conflict.steps_per_epoch))
   return eval_metrics
 
 

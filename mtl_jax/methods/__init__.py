@@ -20,7 +20,10 @@ updated BatchNorm statistics), `losses` (the configured weighted sum) and `apply
 (optimizer update and the standard scalars). Adding a method is one module here plus a config
 (docs/extending.md).
 
-Methods: 'mtl' (mtl.py, the references' weighted-sum objective; the default).
+Methods (docs/methods.md): 'mtl' (mtl.py, the references' weighted-sum objective; the default);
+the user's fork's meta-learning 'maml', 'metasgd', 'taml', 'reptile'; task weighting and gradient
+surgery 'uncertainty', 'dwa', 'pcgrad', 'famo'. Helpers for per-task work (which task owns a
+parameter, per-task objectives and gradients) are in base.py.
 """
 
 from mtl_jax import registry
@@ -31,6 +34,16 @@ register = _METHODS.register  # class decorator: `config.method = name` selects 
 get = _METHODS.get  # the class registered as `name`; ConfigError listing the known ones
 
 
-from mtl_jax.methods import mtl  # pylint: disable=g-import-not-at-top,wrong-import-position  (registers)
+# pylint: disable=g-import-not-at-top,wrong-import-position  (the imports register the methods)
+from mtl_jax.methods import mtl
+from mtl_jax.methods import maml
+from mtl_jax.methods import metasgd
+from mtl_jax.methods import reptile
+from mtl_jax.methods import taml
+from mtl_jax.methods import uncertainty
+from mtl_jax.methods import dwa
+from mtl_jax.methods import pcgrad
+from mtl_jax.methods import famo
 
-__all__ = ['Method', 'get', 'register', 'mtl']
+__all__ = ['Method', 'get', 'register', 'dwa', 'famo', 'maml', 'metasgd', 'mtl', 'pcgrad',
+           'reptile', 'taml', 'uncertainty']

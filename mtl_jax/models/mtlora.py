@@ -174,7 +174,7 @@ def build_decoder(config, tasks: Mapping[str, Task], backbone, *, rngs: nnx.Rngs
 
 # -- trainable sets (docs/mtlora.md §5, docs/user_fork.md §4) ------------------------------------
 
-RECIPES = ('mtlora', 'full', 'freeze_backbone', 'freeze_ta_lora', 'freeze_ts_lora')
+RECIPES = ('mtlora', 'full', 'freeze_backbone', 'freeze_ta_lora', 'freeze_ts_lora', 'lora_only')
 
 
 def frozen_patterns(recipe: str, *, lora_reduction: bool = False) -> tuple[str, ...]:
@@ -186,6 +186,8 @@ def frozen_patterns(recipe: str, *, lora_reduction: bool = False) -> tuple[str, 
   'freeze_ts_lora' / 'freeze_ta_lora': 'mtlora' with the TS-LoRA / TA-LoRA also frozen (stage 1
     / stage 2 of the user's two-stage training).
   'full': nothing frozen. 'freeze_backbone': the whole backbone frozen (decoder only).
+  'lora_only': only the LoRA factors train (TA and TS); decoders, norms, patch embedding, position
+    tables and reductions are frozen: the fork's MAML family (docs/user_fork.md §3).
   """
   if recipe not in RECIPES:
     raise ConfigError(f'unknown trainable-set recipe {recipe!r}; known: {", ".join(RECIPES)}')
@@ -193,6 +195,8 @@ def frozen_patterns(recipe: str, *, lora_reduction: bool = False) -> tuple[str, 
     return ()
   if recipe == 'freeze_backbone':
     return (r'^backbone/',)
+  if recipe == 'lora_only':
+    return (r'^(?!.*/lora_(shared|tasks)_)',)
   keep = ['lora_', 'patch_embed', 'norm', 'relative_position_bias_table']
   if not lora_reduction:
     keep.append('downsample/reduction')
