@@ -5,6 +5,8 @@ r"""Entry point: train or evaluate one configured job.
   python launch.py --config=configs/demo.py --workdir=runs/demo --mode=eval
   python launch.py --config=configs/mlore_pascal.py --workdir=runs/x --mode=eval \
       --config.save_predictions=True --config.eval_boundary=True
+  python launch.py --config=FORK/configs/mtlora/tiny_448/mtlora_tiny_448_r64_scale4_pertask.yaml \
+      --workdir=runs/mtlora      # a yaml of the user's fork (configs/fork_yaml.py)
 
 Eval mode writes WORKDIR/eval_metrics.jsonl; `save_predictions` adds WORKDIR/predictions/<task>/
 <id>.png in the references' layout and `eval_boundary` the SEISM boundary scores
@@ -40,7 +42,24 @@ _JAX_DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
+_ALLOW_UNIMPLEMENTED = flags.DEFINE_bool(
+    'allow_unimplemented', False, 'With --config=FORK.yaml: warn about, instead of rejecting, '
+    'settings of the fork that mtl_jax does not implement (docs/fork_yaml.md §3).')
 flags.mark_flags_as_required(['config', 'workdir'])
+FORK_YAML = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'fork_yaml.py')
+
+
+def fork_yaml_argv(argv: list[str]) -> list[str]:
+  """`--config=X.yaml` -> `--config=configs/fork_yaml.py:path=X.yaml` (with the
+  allow_unimplemented arg when --allow_unimplemented is given); other argv unchanged."""
+  allow = any(a in ('--allow_unimplemented', '--allow_unimplemented=true',
+                    '--allow_unimplemented=True') for a in argv)
+  out = []
+  for a in argv:
+    if a.startswith('--config=') and a.lower().endswith(('.yaml', '.yml')):
+      a = f'--config={FORK_YAML}:{"allow_unimplemented," if allow else ""}path={a[9:]}'
+    out.append(a)
+  return out
 
 
 def _parse_flags(argv):
@@ -113,6 +132,7 @@ def main(argv):
 
 def cli():
   """Entry point of the console script (pyproject.toml) and of `python -m`."""
+  sys.argv = fork_yaml_argv(sys.argv)
   app.run(main, flags_parser=_parse_flags)
 
 

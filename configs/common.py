@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 1000
   c.batch_size = 8  # global, over all processes and devices
+  # > 0: the batch per device (the fork's per-GPU DATA.BATCH_SIZE / --batch-size); batch_size
+  # becomes it times the device count when the run starts, and what references it follows.
+  c.batch_size_per_device = 0
   c.eval_batch_size = 0  # 0 = batch_size
   c.log_every_steps = 50
   c.eval_every_steps = 500
@@ -45,6 +48,10 @@ def get_config() -> ml_collections.ConfigDict:
   # trainable in both stages; the schedule then 'restart's at step 0 (the fork) or 'continue's.
   c.init_opt_state = False
   c.init_schedule = 'restart'
+  # A fresh run that continues another exactly from one of its checkpoints (a workdir: its
+  # latest, or a step directory such as runs/a/checkpoints/200): weights, optimizer and method
+  # state, step and data position; the same config then gives the same later steps bit for bit.
+  c.resume_from = ''
   # The training method (mtl_jax/methods, docs/methods.md): 'mtl' = the weighted sum of the task
   # losses; 'maml' | 'reptile' | 'metasgd' | 'taml' (the fork's meta-learning); 'uncertainty' |
   # 'dwa' | 'pcgrad' | 'famo' (task weighting and gradient surgery). Their keys:

@@ -31,6 +31,21 @@ the heads at 1/4 resolution (282,323 parameters), batch 16: ~5 min on the same m
 14.24 deg, depth 3.98 -> 0.890 m, edge 0.0701 -> 0.0590. The trainer-mechanics tests run it
 (it compiles in seconds).
 
+Training methods (docs/methods.md), `model=vit_baseline,method=M` for 300 steps
+(`--config.total_steps=300 --config.eval_every_steps=300 --config.checkpoint_every_steps=300
+--config.schedule.warmup_steps=20`; dwa `--config.dwa.period=25`, taml `--config.taml.lam=0.1`),
+2-core CPU, 2026-12-03; wall time, then step-300 eval semseg / sal maxF / normals / depth
+(step 0: 5.10 / 23.50 / 94.9 deg / 3.98 m; every method trains all parameters here):
+  mtl          97 s   18.37 / 49.50 / 26.12 / 1.358  (wall time includes the dataset build)
+  maml        205 s   17.07 / 45.09 / 27.79 / 1.512
+  metasgd     409 s   12.81 / 41.92 / 61.59 / 1.786
+  taml        223 s   17.07 / 45.09 / 27.79 / 1.512  (= maml: the spread is logged, not trained)
+  reptile     218 s    7.34 / 23.50 / 85.89 / 3.902  (steps of lr * inner_lr * g, as the fork)
+  uncertainty  68 s   18.12 / 48.81 / 26.20 / 1.380
+  dwa          60 s   18.20 / 49.40 / 26.26 / 1.362
+  pcgrad      159 s   18.76 / 52.28 / 25.26 / 1.339
+  famo         76 s   19.01 / 52.13 / 26.18 / 1.352
+
 Args (`--config=configs/demo.py:smoke,model=vit_baseline`): model ('mlore' | 'vit_baseline'),
 method (`config.method`, docs/methods.md; default 'mtl'), smoke (shrinks model and schedule: 6
 steps; tests and CPU checks).

@@ -132,16 +132,22 @@ def experiment(arg, *, model: str, dataset: str):
   c.schedule.min_lr = batch.to_float() * (5e-6 / 512)
 
   if arg.smoke:
-    c.dataset.update(name='synthetic_scenes/tiny', build_if_missing=True)
-    c.input.crop_size = (32, 32)
-    c.model.dtype = 'float32'
-    # Two stages keep every structural feature (shifted windows with masks in both, PatchMerging
-    # of every stream, task streams per stage) at a fraction of the compile time.
-    c.model.backbone.update(variant='', patch_size=2, embed_dim=8, depths=(2, 2),
-                            num_heads=(1, 2), window_size=4, drop_path_rate=0.1)
-    c.model.decoder.channels = (4, 8)
-    if model == 'mtlora':
-      c.model.mtlora.update(rank=(4,), task_rank=(2,))
-    common.smoke_schedule(c, batch_size=4)
-    c.schedule.warmup_steps = 2
+    shrink(c)
   return c
+
+
+def shrink(c) -> None:
+  """The `smoke` arg of the Swin recipes (also configs/fork_yaml.py): a two-stage Swin of width
+  8 on synthetic_scenes/tiny at 32x32, fp32, 6 steps of batch 4."""
+  c.dataset.update(name='synthetic_scenes/tiny', build_if_missing=True)
+  c.input.crop_size = (32, 32)
+  c.model.dtype = 'float32'
+  # Two stages keep every structural feature (shifted windows with masks in both, PatchMerging
+  # of every stream, task streams per stage) at a fraction of the compile time.
+  c.model.backbone.update(variant='', patch_size=2, embed_dim=8, depths=(2, 2),
+                          num_heads=(1, 2), window_size=4, drop_path_rate=0.1)
+  c.model.decoder.channels = (4, 8)
+  if c.model.name == 'mtlora':
+    c.model.mtlora.update(rank=(4,), task_rank=(2,))
+  common.smoke_schedule(c, batch_size=4)
+  c.schedule.warmup_steps = 2

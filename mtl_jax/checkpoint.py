@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from mtl_jax import ConfigError
 from mtl_jax import sharding
 
 STATE, DATA, CONFIG = 'state', 'data', 'config'
@@ -83,17 +84,27 @@ def save_weights(directory, params: dict, batch_stats: dict,
   return epath.Path(directory) / '0'
 
 
-def _state_item_dir(path) -> epath.Path:
+def locate(path, key: str = 'config.init_from') -> tuple[epath.Path, int]:
+  """(checkpoints directory, step) of a workdir or checkpoints directory (its latest finished
+  step) or of one step directory; FileNotFoundError naming `key` when there is none."""
   path = epath.Path(path)
-  if (path / STATE).is_dir():
-    return path / STATE
+  if (path / STATE).is_dir() and path.name.isdigit():
+    return path.parent, int(path.name)
   if (path / 'checkpoints').is_dir():
     path = path / 'checkpoints'
   step = latest_step(path)
   if step is None:
-    raise FileNotFoundError(f'no finished checkpoint in {str(path)!r} (config.init_from); give a '
-                            'workdir, a checkpoints directory or one of its step directories')
-  return path / str(step) / STATE
+    raise FileNotFoundError(f'no finished checkpoint in {str(path)!r} ({key}); give a workdir, a '
+                            'checkpoints directory or one of its step directories')
+  return path, step
+
+
+def _state_item_dir(path) -> epath.Path:
+  path = epath.Path(path)
+  if (path / STATE).is_dir():
+    return path / STATE
+  directory, step = locate(path)
+  return directory / str(step) / STATE
 
 
 def load_weights(path) -> tuple[dict, dict]:
@@ -122,8 +133,8 @@ def load_optimizer_state(path) -> tuple[int, dict[str, np.ndarray]]:
   checkpointer = ocp.PyTreeCheckpointer()
   metadata = checkpointer.metadata(item_dir).item_metadata.tree
   if 'opt_state' not in metadata:
-    raise ValueError(f'{str(item_dir)!r} is a weights-only checkpoint (no optimizer state); give '
-                     'a training workdir or set --config.init_opt_state=False')
+    raise ConfigError(f'{str(item_dir)!r} is a weights-only checkpoint (no optimizer state); give '
+                      'a training workdir or set --config.init_opt_state=False')
   wanted = {k: metadata[k] for k in ('step', 'opt_state')}
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), wanted)
   restored = checkpointer.restore(

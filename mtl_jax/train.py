@@ -19,6 +19,7 @@ resumed run draws the same numbers as an uninterrupted one and results do not de
 device count.
 """
 
+import copy
 import dataclasses
 import functools
 import os
@@ -82,6 +83,9 @@ def validate_config(config, num_devices: int) -> dict[str, tasks_lib.Task]:
     if config[key] and config[key] % num_devices:
       raise ConfigError(f'config.{key}={config[key]} is not divisible by the {num_devices} '
                         f'devices of the mesh; use a multiple of {num_devices}')
+  if config.get('resume_from') and config.init_from:
+    raise ConfigError('config.resume_from continues a run, config.init_from starts one from '
+                      'weights; set one of them')
   if config.init_opt_state and not config.init_from:
     raise ConfigError('config.init_opt_state needs --config.init_from=CHECKPOINT (the previous '
                       "stage's workdir)")
@@ -98,17 +102,35 @@ def validate_config(config, num_devices: int) -> dict[str, tasks_lib.Task]:
   return tasks
 
 
+def resolve_batch_size(config, num_devices: int):
+  """`config` with a `batch_size_per_device` (> 0) turned into the global batch_size of
+  `num_devices` (a copy: learning rates and step counts that reference batch_size follow)."""
+  per_device = int(config.get('batch_size_per_device', 0))
+  if per_device < 0:
+    raise ConfigError(f'config.batch_size_per_device={per_device} must be >= 0 (0: batch_size '
+                      'is the global batch)')
+  if not per_device:
+    return config
+  config = copy.deepcopy(config)
+  config.batch_size = per_device * num_devices
+  config.batch_size_per_device = 0
+  logging.info('Global batch %d = %d per device x %d devices (config.batch_size_per_device)',
+               config.batch_size, per_device, num_devices)
+  return config
+
+
 class Trainer:
   """Model, optimizer, method, evaluators, shardings and jitted steps of one configured job."""
 
   def __init__(self, config, workdir, devices=None):
-    self.config, self.workdir = config, epath.Path(workdir)
+    self.workdir = epath.Path(workdir)
     if not self.workdir.is_absolute():  # Orbax needs absolute paths (gs:// ones are)
       self.workdir = self.workdir.resolve()
     try:
       self.mesh = sharding.make_mesh(config.mesh, devices)
     except ValueError as e:
       raise ConfigError(str(e)) from e
+    self.config = config = resolve_batch_size(config, self.mesh.size)
     self.tasks = validate_config(config, self.mesh.size)
     method_cls = methods.get(config.method)
     self.tx, self.schedule = optim.make_optimizer(config)
@@ -307,11 +329,29 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
   `devices` (default: all) restricts the mesh, e.g. for tests comparing device counts.
   """
   trainer = Trainer(config, workdir, devices)
-  workdir = trainer.workdir
+  config, workdir = trainer.config, trainer.workdir
   train_iter = input_pipeline.make_train_iterator(config, trainer.tasks,
                                                   source=trainer.train_source)
   eval_iter, _ = input_pipeline.make_eval_iterator(
       config, trainer.tasks, config.dataset.eval_split, source=trainer.eval_source)
+
+  state = None
+  if checkpoint.latest_step(workdir / 'checkpoints') is None:  # a fresh run: a bad init_from /
+    if config.resume_from:                                      # resume_from fails before
+      try:                                                      # anything is written
+        source, source_step = checkpoint.locate(config.resume_from, 'config.resume_from')
+      except FileNotFoundError as e:
+        raise ConfigError(str(e)) from e
+      source_ckpt = checkpoint.Checkpointer(source, async_save=False)
+      try:
+        state = trainer.restore(source_ckpt, source_step, train_iter)
+      finally:
+        source_ckpt.close()
+      logging.info('Continuing %s from its step %d (config.resume_from)', source, source_step)
+    else:
+      state = trainer.init_state()
+      if config.init_opt_state:
+        state = trainer.load_optimizer_state(state, config.init_from)
 
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
@@ -324,10 +364,6 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
     state = trainer.restore(ckpt, latest, train_iter)
     reporting.truncate_metrics(workdir, latest)
     logging.info('Resumed from %s at step %d', ckpt.directory, latest)
-  else:
-    state = trainer.init_state()
-    if config.init_opt_state:
-      state = trainer.load_optimizer_state(state, config.init_from)
   reporting.log_parameters(state.params, state.frozen, writer, write_scalars=latest is None)
 
   step, total = int(state.step), config.total_steps
@@ -389,21 +425,23 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
   return eval_metrics
 
 
-def evaluate_checkpoint(config, workdir) -> dict[str, float]:
-  """Evaluates WORKDIR's latest checkpoint, else `config.init_from`.
+def evaluate_checkpoint(config, workdir, weights=None) -> dict[str, float]:
+  """Evaluates `weights` (a checkpoint: workdir, checkpoints dir or step dir) if given, else
+  WORKDIR's latest checkpoint, else `config.init_from`.
 
   Writes the eval/* scalars to TensorBoard and WORKDIR/eval_metrics.jsonl (at the checkpoint's
-  step, 0 for init_from), the prediction grid to WORKDIR/predictions/step_*.png and, with
-  ``config.save_predictions``, WORKDIR/predictions/<task>/<id>.png.
+  step, 0 for init_from and `weights`), the prediction grid to WORKDIR/predictions/step_*.png
+  and, with ``config.save_predictions``, WORKDIR/predictions/<task>/<id>.png.
   """
   trainer = Trainer(config, workdir)
-  step = checkpoint.latest_step(trainer.workdir / 'checkpoints')
-  if step is None and not config.init_from:
+  config = trainer.config
+  step = None if weights else checkpoint.latest_step(trainer.workdir / 'checkpoints')
+  if step is None and not (weights or config.init_from):
     raise ConfigError(f'no checkpoint in {os.fspath(trainer.workdir)} and no config.init_from; '
                       'train first or pass --config.init_from=CHECKPOINT')
   eval_iter, _ = input_pipeline.make_eval_iterator(
       config, trainer.tasks, config.dataset.eval_split, source=trainer.eval_source)
-  state = trainer.init_state(trainer.workdir if step is not None else config.init_from)
+  state = trainer.init_state(trainer.workdir if step is not None else weights or config.init_from)
   writer = reporting.create_writer(trainer.workdir, jsonl=reporting.EVAL_METRICS_FILE)
   metrics = _evaluate_and_write(writer, step or 0, trainer, state, eval_iter)
   writer.close()

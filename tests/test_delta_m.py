@@ -114,3 +114,19 @@ def test_bad_input_is_one_error_line_and_writes_nothing(tmp_path, capsys, args, 
   assert len(err) == 1 and err[0].startswith('error: ') and message in err[0], err
   assert not list(tmp_path.glob('dm*'))
   assert delta_m.main([str(tmp_path / 'missing'), '--baselines=semseg=1']) == 1
+
+
+def test_output_in_a_new_directory_is_created_and_an_unwritable_one_keeps_the_table(
+    tmp_path, capsys):
+  run = _workdir(tmp_path / 'run', {100: (60.0, 55.0, 60.0, 19.0)})
+  out = tmp_path / 'new' / 'dir' / 'dm'
+  assert delta_m.main([run, '--baselines=mtlora_swin_t_pascal', f'--output={out}']) == 0
+  assert (tmp_path / 'new' / 'dir' / 'dm.csv').is_file()
+  capsys.readouterr()
+  (tmp_path / 'file').write_text('not a directory')
+  assert delta_m.main([run, '--baselines=mtlora_swin_t_pascal',
+                       f'--output={tmp_path / "file" / "dm"}']) == 1
+  captured = capsys.readouterr()
+  assert '| best (100) |' in captured.out  # the table is printed before the write fails
+  err = captured.err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: cannot write') and '--output' in err[0]

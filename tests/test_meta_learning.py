@@ -14,6 +14,7 @@ import pytest
 from configs import mtlora_pascal
 from mtl_jax import input_pipeline
 from mtl_jax import losses
+from mtl_jax import perf
 from mtl_jax import sharding
 from mtl_jax import train
 
@@ -177,3 +178,30 @@ def test_metasgd_learning_rates_receive_the_second_order_gradient(tfds_dir, tmp_
     got = float(new_state.extra['inner_lr'][name])
     np.testing.assert_allclose(got, alphas[name] + updates[name], rtol=0, atol=1e-7, err_msg=name)
     assert abs(got - 0.3) > 1e-6 and scalars[f'inner_lr/{name}'] == got, name
+
+
+@pytest.mark.slow
+def test_a_task_pass_computes_only_that_tasks_path(tfds_dir, tmp_path):
+  """The compiled inner step of task semseg in the two-task model costs what the same step costs
+  in a model built for semseg alone (XLA removes sal's TS-LoRA stream, downsampler and head), and
+  less than the loss of both tasks (sal's path adds 16% to the backbone's FLOPs here)."""
+  def flops(fn, *args):
+    return perf.StepCost.of(jax.jit(fn).lower(*args).compile()).flops
+
+  costs = {}
+  for tasks in (TASKS, ('semseg',)):
+    config = _config(tfds_dir, 'maml')
+    config.tasks = ','.join(tasks)
+    trainer, state, batch = _setup(config, tmp_path / '_'.join(tasks))
+    method = trainer.method
+    def inner(params, method=method, state=state, trainer=trainer):
+      return jax.grad(lambda p: method.task_loss(state, trainer.rest, p, batch, 'semseg', None,
+                                                 state.batch_stats)[0])(params)
+    def both(params, method=method, state=state, trainer=trainer):
+      return jax.grad(lambda p: jnp.sum(method.task_objectives(state, trainer.rest, p, batch)[0]))(
+          params)
+    costs[tasks] = (flops(inner, state.params), flops(both, state.params))
+  one_of_two, all_of_two = costs[TASKS]
+  alone, _ = costs[('semseg',)]
+  assert one_of_two == pytest.approx(alone, rel=0.02), costs
+  assert all_of_two > 1.1 * one_of_two, costs

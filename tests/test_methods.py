@@ -10,14 +10,13 @@ unchanged trainer with extra train state that is checkpointed and resumed.
 
 import json
 import os
-import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, smoke_config
+from conftest import FIXTURES, launch_args, launch_env, sigkill_after_checkpoint, smoke_config
 from configs import demo
 from mtl_jax import ConfigError
 from mtl_jax import checkpoint
@@ -133,28 +132,39 @@ def _losses(workdir):
 @pytest.mark.parametrize('method', METHODS)
 def test_method_resumes_exactly_shards_and_trains_only_trainable_leaves(method, tfds_dir,
                                                                         tmp_path):
-  """configs/demo.py:smoke,model=vit_baseline on two tasks with the patch embedding frozen, 6
-  steps, checkpoints at 3 and 6:
+  """configs/demo.py:smoke,model=vit_baseline on two tasks with the patch embedding frozen, 9
+  steps, checkpoints every 3:
   - 8 devices == 1 device: the first two steps' losses to 1e-5;
-  - a run restarted from checkpoint 3 (the newest one deleted, as a kill before it was written
-    leaves it) logs the uninterrupted run's losses 4..6 bit for bit;
+  - the same run through launch.py, SIGKILLed after its step-3 checkpoint and restarted, logs the
+    uninterrupted run's later losses bit for bit;
   - frozen leaves stay bit-identical; optimizer state exists only for trainable leaves."""
-  config = smoke_config(tfds_dir, method=method, tasks='semseg,depth', log_every_steps=1,
-                        frozen=(r'^backbone/patch_embed/',), dwa={'period': 2, 'temperature': 2.0})
+  overrides = dict(method=method, tasks='semseg,depth', log_every_steps=1, total_steps=9,
+                   eval_every_steps=9, frozen=('^backbone/patch_embed/',),
+                   dwa={'period': 2, 'temperature': 2.0})
+  config = smoke_config(tfds_dir, **overrides)
   train.train_and_evaluate(config, tmp_path / 'one', devices=jax.devices()[:1])
   train.train_and_evaluate(config, tmp_path / 'eight')
   one, eight = _losses(tmp_path / 'one'), _losses(tmp_path / 'eight')
-  assert sorted(one) == sorted(eight) == list(range(1, 7))
+  assert sorted(one) == sorted(eight) == list(range(1, 10))
   np.testing.assert_allclose([eight[1], eight[2]], [one[1], one[2]], rtol=1e-5)
 
-  shutil.rmtree(tmp_path / 'eight' / 'checkpoints' / '6')
-  train.train_and_evaluate(config, tmp_path / 'eight')
-  resumed = _losses(tmp_path / 'eight')
-  assert [resumed[s] for s in (4, 5, 6)] == [eight[s] for s in (4, 5, 6)]  # bit for bit
+  killed = tmp_path / 'killed'
+  flags = [f'--config.{k}.{kk}={vv}' for k, v in overrides.items() if isinstance(v, dict)
+           for kk, vv in v.items()]
+  flags += [f'--config.{k}={v}' for k, v in overrides.items() if not isinstance(v, dict)]
+  sigkill_after_checkpoint(launch_args(killed, tfds_dir, *flags), killed / 'checkpoints' / '3',
+                           timeout_s=300, env=launch_env(num_devices=8))
+  resumed_from = max(int(d.name) for d in (killed / 'checkpoints').iterdir() if d.name.isdigit())
+  assert 3 <= resumed_from < 9
+  train.train_and_evaluate(config, killed)
+  resumed = _losses(killed)
+  assert sorted(resumed) == list(range(1, 10))
+  for step in range(resumed_from + 1, 10):
+    assert resumed[step] == eight[step], (step, resumed[step], eight[step])  # bit for bit
 
-  trainer = train.Trainer(config, tmp_path / 'eight')
+  trainer = train.Trainer(config, killed)
   data = input_pipeline.make_train_iterator(config, trainer.tasks, source=trainer.train_source)
-  final = trainer.restore(checkpoint.Checkpointer(tmp_path / 'eight' / 'checkpoints'), 6, data)
+  final = trainer.restore(checkpoint.Checkpointer(killed / 'checkpoints'), 9, data)
   initial = trainer.init_state()
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(final.frozen),
                jax.device_get(initial.frozen))

@@ -15,6 +15,7 @@ import pytest
 
 from configs import demo
 from conftest import ROOT, launch_args, launch_env, sigkill_after_checkpoint, smoke_config
+from mtl_jax import ConfigError
 from mtl_jax import checkpoint
 from mtl_jax import input_pipeline
 from mtl_jax import reporting
@@ -90,8 +91,9 @@ def _train_losses(workdir) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_resume_after_sigkill_is_bit_exact(tfds_dir, tmp_path):
-  """Kill -9 after a checkpoint, rerun the same command: the later losses equal an uninterrupted
-  run's bit for bit. Runs from tmp_path with relative workdirs, as `--workdir=runs/demo` would."""
+  """Kill -9 after a checkpoint, rerun the same command: the later losses and the final eval
+  equal an uninterrupted run's bit for bit. Runs from tmp_path with relative workdirs, as
+  `--workdir=runs/demo` would. (Every other training method: test_methods.py.)"""
   extra = ('--config.total_steps=60', '--config.log_every_steps=1', '--config.eval_every_steps=30',
            '--config.checkpoint_every_steps=5')
   run = dict(cwd=tmp_path, env=launch_env())
@@ -112,6 +114,24 @@ def test_resume_after_sigkill_is_bit_exact(tfds_dir, tmp_path):
     assert got[step] == want[step], (step, got[step], want[step])  # bit for bit
   final = lambda w: {k: v for k, v in reporting.read_metrics(w)[-1].items() if k.startswith('eval')}
   assert final(killed) == final(tmp_path / 'straight')
+
+
+def test_resume_from_an_older_step_continues_the_run_exactly(tfds_dir, tmp_path):
+  """config.resume_from=RUN/checkpoints/3 in a new workdir: weights, optimizer state, step and
+  data position of step 3, so steps 4..6 equal the original run's bit for bit; a bad source is a
+  ConfigError that writes nothing."""
+  config = smoke_config(tfds_dir, log_every_steps=1)
+  train.train_and_evaluate(config, tmp_path / 'original')
+  assert checkpoint.latest_step(tmp_path / 'original' / 'checkpoints') == 6
+  branch = smoke_config(tfds_dir, log_every_steps=1,
+                        resume_from=str(tmp_path / 'original' / 'checkpoints' / '3'))
+  train.train_and_evaluate(branch, tmp_path / 'branch')
+  want, got = _train_losses(tmp_path / 'original'), _train_losses(tmp_path / 'branch')
+  assert sorted(got) == [4, 5, 6] and all(got[s] == want[s] for s in got), (got, want)
+  bad = smoke_config(tfds_dir, resume_from=str(tmp_path / 'nowhere'))
+  with pytest.raises(ConfigError, match='no finished checkpoint .*config.resume_from'):
+    train.train_and_evaluate(bad, tmp_path / 'bad')
+  assert not (tmp_path / 'bad').exists()
 
 
 # -- sharding --------------------------------------------------------------------------------------

@@ -62,6 +62,12 @@ def test_two_stages_train_the_shared_then_the_task_lora(tfds_dir, tmp_path):
 
   stage2 = _config(tfds_dir, 'freeze_ta_lora', init_from=str(tmp_path / 'stage1'),
                    init_opt_state=True)
+  bad = _config(tfds_dir, 'freeze_ta_lora', init_from=str(tmp_path / 'stage1'),
+                init_opt_state=True, init_schedule='continue')  # stage 1 already used all 6 steps
+  with pytest.raises(ConfigError, match='raise total_steps'):
+    train.train_and_evaluate(bad, tmp_path / 'bad', DEVICES)
+  assert not (tmp_path / 'bad').exists()
+
   trainer2 = train.Trainer(stage2, tmp_path / 'stage2', DEVICES)
   start = trainer2.load_optimizer_state(trainer2.init_state(), stage2.init_from)
   start_opt = _flat(start.opt_state)

@@ -57,11 +57,12 @@ class MAML(methods.Method):
     return jax.tree.map(lambda o: o in ('', task), self.owners(params))
 
   def task_loss(self, state, rest, params, batch, task, key, stats):
-    """(w_t L_t + regulariser, (unweighted L_t, batch_stats)) computing only `task`'s path."""
-    objectives, (reg, per_task, new_stats) = self.task_objectives(
-        state, rest, params, batch, key, stats)
-    new_stats = self.keep_other_tasks(stats, new_stats, task)
-    return objectives[self.task_names.index(task)] + reg, (per_task[task], new_stats)
+    """(w_t L_t + regulariser, (unweighted L_t, batch_stats)) computing only `task`'s path: the
+    forward builds every head, XLA drops what this loss does not read (the other tasks' heads,
+    downsamplers and TS-LoRA streams; tests/test_meta_learning.py counts the FLOPs)."""
+    preds, aux, new_stats = self.forward(state, rest, params, batch['image'], key, stats)
+    total, per_task = self.losses(preds, batch, aux, tasks={task: self.tasks[task]})
+    return total, (per_task[task], self.keep_other_tasks(stats, new_stats, task))
 
   def inner_lrs(self, state):
     """The inner learning rate(s) (differentiated when `learn_inner_lrs`)."""

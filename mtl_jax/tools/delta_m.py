@@ -227,9 +227,15 @@ def main(argv=None) -> int:
   first = args.runs[0]
   output = args.output or os.path.join(first if os.path.isdir(first) else os.path.dirname(first),
                                        'delta_m')
-  _write_atomic(output + '.csv', csv_text)
-  _write_atomic(output + '.md', md_text)
-  print(md_text, end='')
+  print(md_text, end='')  # first: a bad --output does not lose the table
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    _write_atomic(output + '.csv', csv_text)
+    _write_atomic(output + '.md', md_text)
+  except OSError as e:
+    print(f'error: cannot write {output}.csv ({e.strerror}: {e.filename}); choose another '
+          '--output', file=sys.stderr)
+    return 1
   print(f'wrote {output}.csv and {output}.md')
   return 0
 
