@@ -93,35 +93,34 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+# main.py flags -> the fork keys they set (its update_config), when given.
+_VALUE_FLAGS = (('batch_size', 'DATA.BATCH_SIZE'),
+                ('accumulation_steps', 'TRAIN.ACCUMULATION_STEPS'),
+                ('optim', 'TRAIN.OPTIMIZER.NAME'), ('seed', 'SEED'), ('tag', 'TAG'),
+                ('name', 'MODEL.NAME'))
+_SWITCHES = (('skip_initial_validation', 'SKIP_INITIAL_EVAL', True),
+             ('use_checkpoint', 'TRAIN.USE_CHECKPOINT', True), ('disable_amp', 'AMP_ENABLE', False),
+             ('skip_decoder', 'TRAIN.SKIP_DECODER_CKPT', True))
+
+
 def _fork_tree(args) -> dict:
   """The fork's config tree: the yaml, then --opts, then the dedicated flags (the fork's
   update_config order)."""
   import json  # pylint: disable=g-import-not-at-top
   from mtl_jax import fork_config  # pylint: disable=g-import-not-at-top
+  for flag in ('batch_size', 'epochs', 'ckpt_freq', 'eval_freq'):
+    if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+      raise ConfigError(f'--{flag.replace("_", "-")} must be positive, got {getattr(args, flag)}')
   cfg = fork_config.load(args.cfg)
   fork_config.merge_opts(cfg, args.opts)
   values = {'TRAIN.EPOCHS': args.epochs, 'SAVE_FREQ': args.ckpt_freq,
             'EVAL_FREQ': args.eval_freq}
-  if args.batch_size:
-    values['DATA.BATCH_SIZE'] = args.batch_size
-  if args.skip_initial_validation:
-    values['SKIP_INITIAL_EVAL'] = True
-  if args.accumulation_steps:
-    values['TRAIN.ACCUMULATION_STEPS'] = args.accumulation_steps
-  if args.use_checkpoint:
-    values['TRAIN.USE_CHECKPOINT'] = True
-  if args.disable_amp:
-    values['AMP_ENABLE'] = False
-  if args.optim:
-    values['TRAIN.OPTIMIZER.NAME'] = args.optim
-  if args.skip_decoder:
-    values['TRAIN.SKIP_DECODER_CKPT'] = True
-  if args.seed is not None:
-    values['SEED'] = args.seed
-  if args.tag:
-    values['TAG'] = args.tag
-  if args.name:
-    values['MODEL.NAME'] = args.name
+  for flag, key in _VALUE_FLAGS:
+    if getattr(args, flag) is not None:
+      values[key] = getattr(args, flag)
+  for flag, key, value in _SWITCHES:
+    if getattr(args, flag):
+      values[key] = value
   if args.decoder_map:
     try:
       with open(args.decoder_map) as f:
