@@ -46,22 +46,6 @@ _ALLOW_UNIMPLEMENTED = flags.DEFINE_bool(
     'allow_unimplemented', False, 'With --config=FORK.yaml: warn about, instead of rejecting, '
     'settings of the fork that mtl_jax does not implement (docs/fork_yaml.md §3).')
 flags.mark_flags_as_required(['config', 'workdir'])
-FORK_YAML = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'configs', 'fork_yaml.py')
-
-
-def fork_yaml_argv(argv: list[str]) -> list[str]:
-  """`--config=X.yaml` -> `--config=configs/fork_yaml.py:path=X.yaml` (with the
-  allow_unimplemented arg when --allow_unimplemented is given); other argv unchanged."""
-  allow = any(a in ('--allow_unimplemented', '--allow_unimplemented=true',
-                    '--allow_unimplemented=True') for a in argv)
-  out = []
-  for a in argv:
-    if a.startswith('--config=') and a.lower().endswith(('.yaml', '.yml')):
-      a = f'--config={FORK_YAML}:{"allow_unimplemented," if allow else ""}path={a[9:]}'
-    out.append(a)
-  return out
-
-
 def _parse_flags(argv):
   """absl flag parsing, with one `error:` line instead of a traceback for bad input."""
   try:
@@ -132,7 +116,8 @@ def main(argv):
 
 def cli():
   """Entry point of the console script (pyproject.toml) and of `python -m`."""
-  sys.argv = fork_yaml_argv(sys.argv)
+  from configs import fork_yaml  # pylint: disable=g-import-not-at-top
+  sys.argv = fork_yaml.launch_argv(sys.argv)
   app.run(main, flags_parser=_parse_flags)
 
 

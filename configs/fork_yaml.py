@@ -31,6 +31,8 @@ fork's `--freeze-backbone`: decoders only), allow_unimplemented (warnings instea
 settings mtl_jax does not implement), smoke (the recipes' smoke model and schedule), path.
 """
 
+import os
+
 from configs import common
 from configs import mtlora_pascal
 from configs import promlora_pascal
@@ -189,3 +191,19 @@ def _frozen(cfg: dict, model: str, method: str, freeze_backbone: bool) -> tuple[
       return mtlora_lib.frozen_patterns(recipe, lora_reduction=bool(m['DOWNSAMPLER_ENABLED']))
   return promlora_lib.frozen_patterns(**{f'freeze_{k}': v for k, v in flags.items()},
                                       lora_reduction=bool(m['DOWNSAMPLER_ENABLED'])) + extra
+
+
+FORK_YAML = os.path.abspath(__file__).replace(".pyc", ".py")
+
+
+def launch_argv(argv: list[str]) -> list[str]:
+  """`--config=X.yaml` -> `--config=configs/fork_yaml.py:path=X.yaml` (with the
+  allow_unimplemented arg when --allow_unimplemented is given); other argv unchanged."""
+  allow = any(a in ('--allow_unimplemented', '--allow_unimplemented=true',
+                    '--allow_unimplemented=True') for a in argv)
+  out = []
+  for a in argv:
+    if a.startswith('--config=') and a.lower().endswith(('.yaml', '.yml')):
+      a = f'--config={FORK_YAML}:{"allow_unimplemented," if allow else ""}path={a[9:]}'
+    out.append(a)
+  return out

@@ -384,7 +384,7 @@ def test_fork_main_trains_from_a_backbone_pth_then_evaluates(tfds_dir, tmp_path,
 
 
 def test_fork_yaml_argv_rewrites_only_yaml_configs():
-  from launch import FORK_YAML, fork_yaml_argv  # pylint: disable=g-import-not-at-top
+  from configs.fork_yaml import FORK_YAML, launch_argv as fork_yaml_argv  # pylint: disable=g-import-not-at-top
   argv = ['launch.py', '--config=a/b,c [1, 2].yaml', '--allow_unimplemented', '--workdir=w']
   assert fork_yaml_argv(argv)[1] == (
       f'--config={FORK_YAML}:allow_unimplemented,path=a/b,c [1, 2].yaml')
