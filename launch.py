@@ -46,6 +46,8 @@ _ALLOW_UNIMPLEMENTED = flags.DEFINE_bool(
     'allow_unimplemented', False, 'With --config=FORK.yaml: warn about, instead of rejecting, '
     'settings of the fork that mtl_jax does not implement (docs/fork_yaml.md §3).')
 flags.mark_flags_as_required(['config', 'workdir'])
+
+
 def _parse_flags(argv):
   """absl flag parsing, with one `error:` line instead of a traceback for bad input."""
   try:

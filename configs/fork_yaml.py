@@ -181,19 +181,17 @@ def _frozen(cfg: dict, model: str, method: str, freeze_backbone: bool) -> tuple[
       (r'^backbone/.*/lora_shared_',) if m['FREEZE_TA_LORA'] else ())
   if method != 'mtl':  # the fork's meta-learning trains the LoRA only (docs/user_fork.md §3)
     return mtlora_lib.frozen_patterns('lora_only') + extra
-  if model == 'promlora':
-    return promlora_lib.frozen_patterns(**{f'freeze_{k}': v for k, v in flags.items()},
-                                        lora_reduction=bool(m['DOWNSAMPLER_ENABLED'])) + extra
-  if not any(flags.values()):  # the named recipes, as configs/mtlora_pascal.py writes them
+  lora_reduction = bool(m['DOWNSAMPLER_ENABLED'])
+  if model == 'mtlora' and not any(flags.values()):  # the recipes, as mtlora_pascal writes them
     recipe = {(False, False): 'mtlora', (True, False): 'freeze_ts_lora',
               (False, True): 'freeze_ta_lora'}.get((m['FREEZE_TS_LORA'], m['FREEZE_TA_LORA']))
     if recipe:
-      return mtlora_lib.frozen_patterns(recipe, lora_reduction=bool(m['DOWNSAMPLER_ENABLED']))
+      return mtlora_lib.frozen_patterns(recipe, lora_reduction=lora_reduction)
   return promlora_lib.frozen_patterns(**{f'freeze_{k}': v for k, v in flags.items()},
-                                      lora_reduction=bool(m['DOWNSAMPLER_ENABLED'])) + extra
+                                      lora_reduction=lora_reduction) + extra
 
 
-FORK_YAML = os.path.abspath(__file__).replace(".pyc", ".py")
+FORK_YAML = os.path.abspath(__file__)
 
 
 def launch_argv(argv: list[str]) -> list[str]:

@@ -139,7 +139,7 @@ def _alias(path: str) -> str | None:
   return os.path.join(head, 'pascal', name)
 
 
-def _read(path: str) -> dict:
+def _read(path: str) -> tuple[str, dict]:
   if not os.path.isfile(path):
     other = _alias(path)
     if not os.path.isfile(other):
@@ -157,7 +157,7 @@ def _read(path: str) -> dict:
     data = {}
   if not isinstance(data, dict):
     raise ConfigError(f'{path}: a fork config is a mapping of KEYS, got {type(data).__name__}')
-  return {'__path__': path, **_decode(data)}
+  return path, _decode(data)
 
 
 def _decode(value):
@@ -178,10 +178,10 @@ def _decode(value):
 def _check(node: dict, defaults, prefix: str, path: str) -> None:
   """Raises ConfigError for a key the fork's config.py does not define or a value of the wrong
   type (as yacs' merge_from_file would)."""
+  if defaults is ANY or prefix.rstrip('.') in OPEN:  # free keys
+    return
   for key, value in node.items():
     dotted = f'{prefix}{key}'
-    if defaults is ANY or prefix.rstrip('.') in OPEN:
-      continue
     if key not in defaults:
       raise ConfigError(f'{path}: unknown key {dotted!r} (no key of the fork\'s config.py in '
                         'either era, docs/fork_yaml.md §2); remove it or fix its spelling')
@@ -225,8 +225,7 @@ def load(path: str) -> dict:
   def merge_file(p, depth=0):
     if depth > 8:
       raise ConfigError(f'{p}: BASE nesting deeper than 8 (a cycle?)')
-    data = _read(p)
-    p = data.pop('__path__')
+    p, data = _read(p)
     _check(data, DEFAULTS, '', p)
     for base in data.get('BASE') or ():
       if base:

@@ -31,7 +31,6 @@ Bad input prints one `error:` line naming the fix and exits with 1, before anyth
 """
 
 import argparse
-import hashlib
 import os
 import re
 import sys
@@ -184,13 +183,9 @@ def _checkpoint(path: str, fmt: str, config, output: str) -> str:
   if not os.path.isfile(path):
     raise ConfigError(f'{path} not found; give a .pth file or an mtl_jax checkpoint directory')
   from mtl_jax.tools import convert as convert_tool  # pylint: disable=g-import-not-at-top
-  digest = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 24), b''):
-      digest.update(block)
   stem = os.path.splitext(os.path.basename(path))[0]
   out = os.path.abspath(os.path.join(output, 'converted',
-                                     f'{stem}-{digest.hexdigest()[:12]}-{fmt}'))
+                                     f'{stem}-{convert_tool.sha256(path)[:12]}-{fmt}'))
   if not os.path.isdir(out):
     convert_tool.run(fmt, path, out, config)
   return out
