@@ -41,7 +41,17 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_steps = 500
   c.eval_at_start = True  # an eval at step 0, the baseline every later eval is compared with
   c.checkpoint_every_steps = 500
-  c.keep_checkpoints = 2
+  # Epochs: steps_per_epoch (0 = ⌊train examples / global batch⌋ when the run starts, as the
+  # references' drop_last loaders) labels log_rank0.txt and conflict_ratio.txt; *_every_epochs > 0
+  # replace the step intervals above with that many epochs.
+  c.steps_per_epoch = 0
+  c.eval_every_epochs = 0
+  c.checkpoint_every_epochs = 0
+  c.keep_checkpoints = 2  # the latest N checkpoints are kept (N >= 1) ...
+  c.keep_period = 0  # ... and every one whose step is a multiple of this (0: none; 1: all)
+  # The user fork's WORKDIR/log_rank0.txt (mtl_jax/fork_log.py) under this logger name (its
+  # MODEL.NAME; '' = none). configs/fork_yaml.py sets it.
+  c.fork_log = ''
   c.num_eval_images = 4  # examples drawn in the prediction grid at every eval
   c.init_from = ''  # weights-only start: a checkpoint dir (see mtl_jax/checkpoint.py)
   # Two-stage training (docs/methods.md §6): also take init_from's optimizer state for the leaves
@@ -63,9 +73,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.uncertainty = ml_collections.ConfigDict(dict(init=-0.5))  # initial log variances s_t
   c.dwa = ml_collections.ConfigDict(dict(temperature=2.0, period=100))  # period: steps per "epoch"
   c.famo = ml_collections.ConfigDict(dict(lr=0.025, gamma=0.01))  # logit Adam lr, its L2 decay
-  # Gradient-conflict diagnostics (mtl_jax/methods/conflict.py): every_steps N (0 = off);
-  # steps_per_epoch only labels the lines of conflict_ratio.txt (0: epoch 0, batch = step - 1).
-  c.conflict = ml_collections.ConfigDict(dict(every_steps=0, steps_per_epoch=0))
+  # Gradient-conflict diagnostics (mtl_jax/methods/conflict.py): every_steps N (0 = off).
+  c.conflict = ml_collections.ConfigDict(dict(every_steps=0))
   # What every eval computes (mtl_jax/evaluators); eval_boundary / save_predictions below add
   # 'boundary' / 'save_predictions'.
   c.evaluators = ('metrics', 'prediction_grid')
@@ -136,7 +145,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 
 def smoke_schedule(c: ml_collections.ConfigDict, batch_size: int) -> None:
-  """The `smoke` run every config shares: 6 steps of `batch_size`, logs every 2, eval and
-  checkpoint every 3 on 2 eval images (tests and CPU checks)."""
+  """The `smoke` run every config shares: 6 steps of `batch_size` in 2 epochs of 3, logs every
+  2, eval and checkpoint every 3 on 2 eval images (tests and CPU checks)."""
   c.update(total_steps=6, batch_size=batch_size, eval_batch_size=batch_size, log_every_steps=2,
-           eval_every_steps=3, checkpoint_every_steps=3, num_eval_images=2)
+           eval_every_steps=3, checkpoint_every_steps=3, num_eval_images=2, steps_per_epoch=3)

@@ -143,6 +143,7 @@ def to_config(cfg: dict, *, dataset: str, tasks, freeze_backbone=False, smoke=Fa
   batch = c.get_ref('batch_size')
   steps_per_epoch = mtlora_pascal.TRAIN_IMAGES[dataset] // batch
   c.batch_size_per_device = int(cfg['DATA']['BATCH_SIZE'])
+  c.steps_per_epoch = steps_per_epoch
   c.eval_every_steps = steps_per_epoch * max(1, int(cfg['EVAL_FREQ']))
   c.checkpoint_every_steps = steps_per_epoch * max(1, int(cfg['SAVE_FREQ']))
   c.log_every_steps = max(1, int(cfg['PRINT_FREQ']))
@@ -162,6 +163,9 @@ def to_config(cfg: dict, *, dataset: str, tasks, freeze_backbone=False, smoke=Fa
       c.model.mtlora.rank = (min(c.model.mtlora.rank[0], 4),)
       c.model.promlora.update(tokens=3, pool_sizes=())
     c.batch_size_per_device = 0
+  # The fork's outputs: log_rank0.txt under MODEL.NAME, and every checkpoint kept.
+  c.fork_log = cfg['MODEL']['NAME']
+  c.keep_period = c.get_ref('checkpoint_every_steps')
   return c
 
 

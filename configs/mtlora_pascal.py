@@ -121,7 +121,7 @@ def experiment(arg, *, model: str, dataset: str):
   c.total_steps = steps_per_epoch * arg.epochs
   c.log_every_steps = 50
   c.eval_every_steps = steps_per_epoch * 5
-  c.conflict.steps_per_epoch = steps_per_epoch  # labels of conflict_ratio.txt
+  c.steps_per_epoch = steps_per_epoch
   c.checkpoint_every_steps = steps_per_epoch * 20
   c.optimizer.update(name='adamw', b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.05,
                      grad_clip_norm=5.0, decay_1d=False, no_decay=())

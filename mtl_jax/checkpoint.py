@@ -26,14 +26,17 @@ STATE, DATA, CONFIG = 'state', 'data', 'config'
 
 
 class Checkpointer:
-  """Keeps the last `max_to_keep` training checkpoints of one workdir."""
+  """Keeps the last `max_to_keep` training checkpoints of one workdir, and every one whose step
+  is a multiple of `keep_period` (> 0)."""
 
-  def __init__(self, directory, *, max_to_keep: int = 2, async_save: bool = True):
+  def __init__(self, directory, *, max_to_keep: int = 2, keep_period: int = 0,
+               async_save: bool = True):
     self.directory = epath.Path(directory)
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=True),
+            max_to_keep=max_to_keep, keep_period=keep_period or None,
+            enable_async_checkpointing=async_save, create=True),
         item_handlers={STATE: ocp.StandardCheckpointHandler(),
                        DATA: grain.checkpoint.CheckpointHandler(),
                        CONFIG: ocp.JsonCheckpointHandler()})

@@ -40,6 +40,7 @@ import optax
 from mtl_jax import ConfigError
 from mtl_jax import checkpoint
 from mtl_jax import evaluators as evaluators_lib
+from mtl_jax import fork_log
 from mtl_jax import input_pipeline
 from mtl_jax import methods
 from mtl_jax.methods import conflict
@@ -76,9 +77,12 @@ def validate_config(config, num_devices: int) -> dict[str, tasks_lib.Task]:
     if name not in config.loss_weights:
       raise ConfigError(f'no loss weight for task {name!r}; set --config.loss_weights.{name}=W')
   for key in ('total_steps', 'batch_size', 'log_every_steps', 'eval_every_steps',
-              'checkpoint_every_steps'):
+              'checkpoint_every_steps', 'keep_checkpoints'):
     if int(config[key]) <= 0:
       raise ConfigError(f'config.{key} must be positive, got {config[key]}')
+  for key in ('steps_per_epoch', 'eval_every_epochs', 'checkpoint_every_epochs', 'keep_period'):
+    if int(config[key]) < 0:
+      raise ConfigError(f'config.{key} must be >= 0, got {config[key]}')
   for key in ('batch_size', 'eval_batch_size'):
     if config[key] and config[key] % num_devices:
       raise ConfigError(f'config.{key}={config[key]} is not divisible by the {num_devices} '
@@ -119,6 +123,21 @@ def resolve_batch_size(config, num_devices: int):
   return config
 
 
+def resolve_epochs(config, train_examples: int):
+  """`config` with `steps_per_epoch` (0: ⌊train_examples / batch_size⌋, at least 1) and the
+  `*_every_epochs` intervals turned into steps (a copy when anything changes)."""
+  steps = int(config.steps_per_epoch) or max(1, train_examples // int(config.batch_size))
+  changes = {'steps_per_epoch': steps}
+  for kind in ('eval', 'checkpoint'):
+    if int(config[f'{kind}_every_epochs']):
+      changes[f'{kind}_every_steps'] = int(config[f'{kind}_every_epochs']) * steps
+  if all(int(config[k]) == v for k, v in changes.items()):
+    return config
+  config = copy.deepcopy(config)
+  config.update(changes)
+  return config
+
+
 class Trainer:
   """Model, optimizer, method, evaluators, shardings and jitted steps of one configured job."""
 
@@ -137,6 +156,7 @@ class Trainer:
     # Data sources first: a dataset that is not built is a ConfigError.
     self.train_source = input_pipeline.open_data_source(config.dataset, config.dataset.train_split)
     self.eval_source = input_pipeline.open_data_source(config.dataset, config.dataset.eval_split)
+    self.config = config = resolve_epochs(config, len(self.train_source))
     self.evaluators = evaluators_lib.build(evaluators_lib.Context(
         config, self.tasks, self.workdir, self.eval_source))
     # Tasks whose full predictions come to the host at every eval (per-example evaluators).
@@ -310,8 +330,11 @@ def _flatten(tree: dict, prefix: str) -> dict[str, np.ndarray]:
   return {f'{prefix}/{sharding.path_str(p)}': np.asarray(v) for p, v in flat}
 
 
-def _evaluate_and_write(writer, step, trainer, state, eval_iter) -> dict[str, float]:
+def _evaluate_and_write(writer, step, trainer, state, eval_iter, log=None) -> dict[str, float]:
+  start = time.perf_counter()
   metrics, images = trainer.evaluate(state, eval_iter, step)
+  if log:
+    log.eval(metrics, time.perf_counter() - start)
   writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
   if images:
     writer.write_images(step, {f'eval/{k}': v[None] for k, v in images.items()})
@@ -356,8 +379,12 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', max_to_keep=config.keep_checkpoints)
+  ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', max_to_keep=config.keep_checkpoints,
+                                 keep_period=config.keep_period)
   writer = reporting.create_writer(workdir)
+  log = fork_log.ForkLog(workdir, config.fork_log, tasks=trainer.tasks,
+                         steps_per_epoch=config.steps_per_epoch, total_steps=config.total_steps,
+                         enabled=jax.process_index() == 0)
 
   latest = ckpt.latest_step()
   if latest is not None:
@@ -369,7 +396,7 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
   step, total = int(state.step), config.total_steps
   eval_metrics = {}
   if step == 0 and config.eval_at_start:
-    eval_metrics = _evaluate_and_write(writer, 0, trainer, state, eval_iter)
+    eval_metrics = _evaluate_and_write(writer, 0, trainer, state, eval_iter, log)
     writer.flush()
 
   report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
@@ -404,11 +431,13 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
       logging.info('step %d/%d | loss %.4f | %.2f steps/s | %.1f img/s | ETA %s', step, total,
                    means['loss'], steps_per_sec, steps_per_sec * config.batch_size,
                    time.strftime('%H:%M:%S', time.gmtime(eta)))
+      log.train(step, means, 1 / max(steps_per_sec, 1e-9), config.optimizer.weight_decay)
       window = []
+    log.step_done(step)
 
     if step % config.eval_every_steps == 0 or step == total:
       with report.timed('eval'):
-        eval_metrics = _evaluate_and_write(writer, step, trainer, state, eval_iter)
+        eval_metrics = _evaluate_and_write(writer, step, trainer, state, eval_iter, log)
 
     if step % config.checkpoint_every_steps == 0 or step == total:
       with report.timed('checkpoint'):
@@ -421,7 +450,7 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
   ckpt.close()
   writer.close()
   if conflict_every and jax.process_index() == 0:
-    conflict.write_file(workdir, int(config.conflict.steps_per_epoch))
+    conflict.write_file(workdir, int(config.steps_per_epoch))
   return eval_metrics
 
 
@@ -430,7 +459,8 @@ def evaluate_checkpoint(config, workdir, weights=None) -> dict[str, float]:
   WORKDIR's latest checkpoint, else `config.init_from`.
 
   Writes the eval/* scalars to TensorBoard and WORKDIR/eval_metrics.jsonl (at the checkpoint's
-  step, 0 for init_from and `weights`), the prediction grid to WORKDIR/predictions/step_*.png
+  step, 0 for init_from and `weights`), with ``config.fork_log`` the fork's eval block to
+  WORKDIR/log_rank0.txt, the prediction grid to WORKDIR/predictions/step_*.png
   and, with ``config.save_predictions``, WORKDIR/predictions/<task>/<id>.png.
   """
   trainer = Trainer(config, workdir)
@@ -443,6 +473,9 @@ def evaluate_checkpoint(config, workdir, weights=None) -> dict[str, float]:
       config, trainer.tasks, config.dataset.eval_split, source=trainer.eval_source)
   state = trainer.init_state(trainer.workdir if step is not None else weights or config.init_from)
   writer = reporting.create_writer(trainer.workdir, jsonl=reporting.EVAL_METRICS_FILE)
-  metrics = _evaluate_and_write(writer, step or 0, trainer, state, eval_iter)
+  log = fork_log.ForkLog(trainer.workdir, config.fork_log, tasks=trainer.tasks,
+                         steps_per_epoch=config.steps_per_epoch, total_steps=config.total_steps,
+                         enabled=jax.process_index() == 0)
+  metrics = _evaluate_and_write(writer, step or 0, trainer, state, eval_iter, log)
   writer.close()
   return metrics

@@ -85,7 +85,7 @@ def test_conflict_scalars_of_orthogonal_and_opposed_gradients():
 @pytest.mark.slow
 def test_training_writes_conflict_metrics_and_the_forks_file(tfds_dir, tmp_path):
   config = smoke_config(tfds_dir, tasks='semseg,depth',
-                        conflict={'every_steps': 2, 'steps_per_epoch': 4})
+                        conflict={'every_steps': 2}, steps_per_epoch=4)
   train.train_and_evaluate(config, tmp_path)
   measured = {m['step']: m for m in reporting.read_metrics(tmp_path) if 'conflict/cr' in m}
   assert sorted(measured) == [2, 4, 6]

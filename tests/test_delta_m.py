@@ -130,3 +130,75 @@ def test_output_in_a_new_directory_is_created_and_an_unwritable_one_keeps_the_ta
   assert '| best (100) |' in captured.out  # the table is printed before the write fails
   err = captured.err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('error: cannot write') and '--output' in err[0]
+
+
+def test_fork_log_writer_round_trips_through_the_forks_parser(tmp_path):
+  """mtl_jax/fork_log.py's lines, read by the §7 parser, give the metrics at the fork's printed
+  precision, labelled with 0-based epochs (none before the first epoch)."""
+  from mtl_jax import fork_log  # pylint: disable=g-import-not-at-top
+  tasks = ('semseg', 'human_parts', 'sal', 'normals', 'depth', 'edge')
+  metrics = {'semseg/miou': 61.23456, 'human_parts/miou': 50.98765, 'sal/maxf': 80.1234,
+             'sal/beta_maxf': 79.5, 'sal/miou': 64.56789, 'normals/mean': 18.123456,
+             'normals/rmse': 25.5, 'normals/mean_v2': 17.9, 'depth/rmse': 0.612345,
+             'depth/log_rmse': 0.25, 'edge/loss': 0.123, 'edge/odsF': 70.12345}
+  log = fork_log.ForkLog(tmp_path, 'promlora_tiny', tasks=tasks, steps_per_epoch=2,
+                         total_steps=4)
+  log.eval(metrics, 1.0)  # the initial validation
+  for step in (1, 2, 3, 4):
+    log.train(step, {'loss': 1.5, 'grad_norm': 2.0, 'learning_rate': 1e-4}, 0.5, 0.05)
+    log.step_done(step)
+    if step % 2 == 0:
+      log.eval({k: v + step for k, v in metrics.items()}, 1.0)
+  text = (tmp_path / fork_log.FILE).read_text()
+  assert text.count('training takes') == 2 and 'Train: [1/2][1/2]' in text
+  assert all(l.startswith('[') and '] (train.py 0): INFO ' in l for l in text.splitlines())
+  want = lambda d: {'semseg': round(61.23456 + d, 4), 'human_parts': round(50.98765 + d, 4),
+                    'sal': round(64.56789 + d, 3), 'normals': round(18.123456 + d, 4),
+                    'depth': round(0.612345 + d, 4), 'edge': round(70.12345 + d, 4)}
+  assert delta_m.read_fork_log(str(tmp_path / fork_log.FILE)) == [
+      (None, want(0)), (0, want(2)), (1, want(4))]
+
+
+def test_compute_delta_m_command_line_and_its_csv_layout(tmp_path, capsys):
+  log = tmp_path / 'log_rank0.txt'
+  log.write_text(FORK_LOG)
+  csv_out = tmp_path / 'out' / 'dm.csv'
+  assert delta_m.main(['--log-file', str(log), '--use-paper-st', '--tasks',
+                       'semseg,human,saliency,normals', '--csv-out', str(csv_out)]) == 0
+  paper = delta_m.PRESETS['user_fork_paper_st']
+  tasks = ['semseg', 'human_parts', 'sal', 'normals']
+  dms = [delta_m.delta_m(m, paper, tasks) for _, m in delta_m.read_fork_log(str(log))]
+  assert csv_out.read_text().splitlines() == [
+      'epoch,SemSeg_mIoU,Human_Parts_mIoU,Saliency_mIoU,Normals_mean,Delta_m_percent',
+      f'5,60.0,50.0,60.0,19.0,{dms[0]!r}', f'10,67.9,59.84,65.4,16.6,{dms[1]!r}', '',
+      f'BEST(epoch 10),67.9,59.84,65.4,16.6,{dms[1]!r}']
+  assert not (tmp_path / 'delta_m.csv').exists()  # --csv-out alone writes only its file
+  # --st-json (normals_rmse is the fork's alias of normals_mean); the per-task flags win.
+  st = tmp_path / 'st.json'
+  st.write_text(json.dumps({'semseg_miou': 60.0, 'normals_rmse': 20.0, 'depth_rmse': 0.5}))
+  assert delta_m.main([str(log), '--st-json', str(st), '--semseg-st', '70', '--tasks',
+                       'semseg,normals', '--csv-out', str(csv_out)]) == 0
+  best = csv_out.read_text().splitlines()[-1].split(',')
+  assert best[0] == 'BEST(epoch 10)' and float(best[-1]) == pytest.approx(
+      100 * ((67.90 - 70) / 70 - (16.60 - 20) / 20) / 2)
+  # With --use-paper-st and no --tasks: the fork's default five (only epoch 10 has depth).
+  capsys.readouterr()
+  assert delta_m.main(['--log-file', str(log), '--use-paper-st', '--csv-out',
+                       str(csv_out)]) == 0
+  assert csv_out.read_text().splitlines()[0].endswith('Normals_mean,Depth_rmse,Delta_m_percent')
+
+
+@pytest.mark.parametrize('args, message', [
+    ([], 'no baselines'),
+    (['--tasks=semseg,nope', '--use-paper-st'], 'unknown nope'),
+    (['--semseg-st=60', '--log-file=other', '--csv-out=x.csv'], 'one run'),
+    (['--st-json=missing.json'], 'missing.json'),
+])
+def test_fork_flags_bad_input_is_one_error_line(tmp_path, capsys, monkeypatch, args, message):
+  monkeypatch.chdir(tmp_path)
+  run = _workdir(tmp_path / 'run', {100: (60.0, 55.0, 60.0, 19.0)})
+  assert delta_m.main([run, *args]) == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith('error: ') and message in err[0], err
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['run']
+  assert sorted(p.name for p in (tmp_path / 'run').iterdir()) == ['metrics.jsonl']

@@ -24,13 +24,14 @@ from mtl_jax import ConfigError
 from mtl_jax import fork_config
 from mtl_jax import reporting
 from mtl_jax import train
+from mtl_jax.tools import delta_m
 from mtl_jax.tools import fork_main
 
 FORK = os.path.join(FIXTURES, 'fork_yaml', 'configs')
 T = 'mtlora/tiny_448/'
 # Set by the fork's command line (or its defaults when a yaml is read alone), not by the recipes.
 CLI_KEYS = ('batch_size_per_device', 'eval_every_steps', 'checkpoint_every_steps',
-            'log_every_steps')
+            'log_every_steps', 'keep_period', 'fork_log')  # the last two: the fork's outputs
 
 
 def _yaml(rel: str, args: str = ''):
@@ -119,6 +120,8 @@ def test_fork_yaml_maps_onto_the_recipe(rel, args, module, arg, differ):
   steps_per_epoch = {'pascal_context': 4998, 'nyud_v2': 795}[config.dataset.name] // 256
   assert resolved.batch_size == 256 and resolved.batch_size_per_device == 0
   assert resolved.eval_every_steps == resolved.checkpoint_every_steps == steps_per_epoch
+  assert resolved.keep_period == resolved.checkpoint_every_steps  # every checkpoint kept
+  assert config.fork_log == fork_config.load(os.path.join(FORK, rel))['MODEL']['NAME']
   assert resolved.total_steps == 300 * steps_per_epoch
   np.testing.assert_allclose(resolved.optimizer.learning_rate, 256 * 5e-4 / 512)
 
@@ -375,6 +378,15 @@ def test_fork_main_trains_from_a_backbone_pth_then_evaluates(tfds_dir, tmp_path,
   converted = list((tmp_path / 'output' / 'converted').iterdir())
   assert [c.name.split('-')[0] for c in converted] == ['swin_smoke']
   assert max(l['step'] for l in reporting.read_metrics(run)) == 6
+  # log_rank0.txt, read by the fork's compute_delta_m parser, has metrics.jsonl's evals (at the
+  # fork's printed precision): the initial validation, then one after each 3-step epoch.
+  evals = [l for l in reporting.read_metrics(run) if 'eval/semseg/miou' in l]
+  records = delta_m.read_fork_log(str(run / 'log_rank0.txt'))
+  assert [epoch for epoch, _ in records] == [None, 0, 1]
+  assert [m for _, m in records] == [{'semseg': round(e['eval/semseg/miou'], 4),
+                                      'normals': round(e['eval/normals/mean'], 4)} for e in evals]
+  # Every checkpoint is kept, as the fork keeps every ckpt_epoch_N.pth.
+  assert sorted(int(p.name) for p in (run / 'checkpoints').iterdir()) == [3, 6]
 
   fork_main_cli('--resume', str(run), '--eval', '--tag', 'eval')
   with open(run.parent / 'eval' / reporting.EVAL_METRICS_FILE) as f:

@@ -119,10 +119,15 @@ def test_resume_after_sigkill_is_bit_exact(tfds_dir, tmp_path):
 def test_resume_from_an_older_step_continues_the_run_exactly(tfds_dir, tmp_path):
   """config.resume_from=RUN/checkpoints/3 in a new workdir: weights, optimizer state, step and
   data position of step 3, so steps 4..6 equal the original run's bit for bit; a bad source is a
-  ConfigError that writes nothing."""
-  config = smoke_config(tfds_dir, log_every_steps=1)
+  ConfigError that writes nothing. The original run also shows intervals in epochs and keeping
+  every Nth checkpoint: 2-step epochs, eval every epoch, a checkpoint every step of which the
+  latest and the multiples of 3 are kept."""
+  config = smoke_config(tfds_dir, log_every_steps=1, steps_per_epoch=2, eval_every_epochs=1,
+                        checkpoint_every_steps=1, keep_checkpoints=1, keep_period=3)
   train.train_and_evaluate(config, tmp_path / 'original')
-  assert checkpoint.latest_step(tmp_path / 'original' / 'checkpoints') == 6
+  assert sorted(int(p.name) for p in (tmp_path / 'original' / 'checkpoints').iterdir()) == [3, 6]
+  assert [l['step'] for l in reporting.read_metrics(tmp_path / 'original')
+          if 'eval/semseg/miou' in l] == [0, 2, 4, 6]
   branch = smoke_config(tfds_dir, log_every_steps=1,
                         resume_from=str(tmp_path / 'original' / 'checkpoints' / '3'))
   train.train_and_evaluate(branch, tmp_path / 'branch')

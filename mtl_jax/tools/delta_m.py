@@ -4,6 +4,8 @@ r"""Δm of multi-task runs against single-task baselines (docs/datasets_metrics.
   python -m mtl_jax.tools.delta_m runs/seed0 runs/seed1 runs/seed2 \
       --baselines=semseg=67.21,human_parts=61.93,sal=62.35,normals=17.97 --output=runs/dm
   python -m mtl_jax.tools.delta_m output/swin/tag/log_rank0.txt --baselines=user_fork_paper_st
+  python -m mtl_jax.tools.delta_m --log-file output/NAME/TAG/log_rank0.txt --use-paper-st \
+      --tasks semseg,human,saliency,normals --csv-out dm.csv      # compute_delta_m.py's flags
 
 Δm = (1/T) Σ_t (−1)^{l_t} (M_t − B_t) / B_t × 100, l_t = 1 where lower is better. Per task the
 metric is the MTLoRA one (`calculate_multi_task_performance`): semseg / human_parts mIoU, saliency
@@ -15,6 +17,16 @@ user's MTLoRA fork, a `log_rank0.txt` (or a directory holding one), parsed as th
 `compute_delta_m.py` does (docs/user_fork.md §7). Tasks default to those with a baseline.
 Writes OUTPUT.csv and OUTPUT.md (default: `delta_m` in the first run's directory): Δm per eval
 step and the best step of each run, and with several runs the mean ± std (ddof 1) of the best.
+
+The fork's `compute_delta_m.py` command line works as written (docs/user_fork.md §7):
+`--log-file` (a run), baselines from `--st-json` (keys semseg_miou, human_miou, saliency_miou,
+normals_mean or normals_rmse, depth_rmse, edge_odsf) and `--semseg-st` ... `--edge-st` (these win;
+`--baselines` is then optional), `--use-paper-st` (the paper's values for the tasks still without
+one; with no `--tasks`: semseg, human, saliency, normals, depth, the fork's default), `--tasks` in
+the fork's names, and `--csv-out FILE`: its CSV layout (`epoch`, `SemSeg_mIoU`, ...,
+`Delta_m_percent` per eval, a blank row, `BEST(epoch N)`), written instead of OUTPUT.csv/.md
+unless `--output` is given too. One difference: with a baseline missing for a requested task the
+fork stops; here too, but tasks default to those with a baseline.
 """
 
 import argparse
@@ -41,6 +53,13 @@ PRESETS = {
 # The user fork's task names and log lines (docs/user_fork.md §7).
 FORK_TASKS = {'semseg': 'semseg', 'human': 'human_parts', 'saliency': 'sal', 'normals': 'normals',
               'depth': 'depth', 'edge': 'edge'}
+# Per task: the fork's --st-json key and CSV column (its display name, spaces as underscores).
+FORK_ST_KEYS = {'semseg': 'semseg_miou', 'human_parts': 'human_miou', 'sal': 'saliency_miou',
+                'normals': 'normals_mean', 'depth': 'depth_rmse', 'edge': 'edge_odsf'}
+FORK_COLUMNS = {'semseg': 'SemSeg_mIoU', 'human_parts': 'Human_Parts_mIoU',
+                'sal': 'Saliency_mIoU', 'normals': 'Normals_mean', 'depth': 'Depth_rmse',
+                'edge': 'Edge_odsF'}
+FORK_DEFAULT_TASKS = ('semseg', 'human_parts', 'sal', 'normals', 'depth')
 _EPOCH = re.compile(r'EPOCH\s+(\d+)\s+training takes')
 _ANYWHERE = {'semseg': re.compile(r'Semantic Segmentation mIoU:\s*([0-9.]+)'),
              'human_parts': re.compile(r'Human Parts mIoU:\s*([0-9.]+)')}
@@ -89,6 +108,55 @@ def parse_baselines(text: str) -> dict[str, float]:
   if not out:
     raise DeltaMError('--baselines is empty')
   return out
+
+
+def fork_baselines(args, tasks: list[str]) -> dict[str, float]:
+  """Baselines from --baselines, then --st-json, then --<task>-st, then --use-paper-st (for the
+  `tasks` still without one, or the fork's default tasks) (the fork's load_st_baseline)."""
+  out = parse_baselines(args.baselines) if args.baselines else {}
+  if args.st_json:
+    try:
+      with open(args.st_json) as f:
+        data = json.load(f)
+    except (OSError, ValueError) as e:
+      raise DeltaMError(f'--st-json {args.st_json}: {e}') from None
+    if not isinstance(data, dict):
+      raise DeltaMError(f'--st-json {args.st_json}: expected an object of baselines')
+    if 'normals_mean' not in data and 'normals_rmse' in data:
+      data['normals_mean'] = data['normals_rmse']
+    for task, key in FORK_ST_KEYS.items():
+      if key in data:
+        try:
+          out[task] = float(data[key])
+        except (TypeError, ValueError):
+          raise DeltaMError(f'--st-json: {key}={data[key]!r} is not a number') from None
+  for fork_name, task in FORK_TASKS.items():
+    value = getattr(args, f'{fork_name}_st')
+    if value is not None:
+      out[task] = value
+  if args.use_paper_st:
+    paper = PRESETS['user_fork_paper_st']
+    for task in tasks or FORK_DEFAULT_TASKS:
+      if task not in out and task in paper:
+        out[task] = paper[task]
+  if not out:
+    raise DeltaMError('no baselines; give --baselines=PRESET|task=value,..., --st-json FILE, '
+                      '--<task>-st VALUE or --use-paper-st')
+  return out
+
+
+def render_fork_csv(records: list, baselines: dict[str, float], tasks: list[str]) -> str:
+  """The fork's `--csv-out` table of one run's complete records."""
+  scored = [(epoch, m, delta_m(m, baselines, tasks)) for epoch, m in records
+            if all(t in m for t in tasks)]
+  buf = io.StringIO()
+  writer = csv.writer(buf, lineterminator='\n')
+  writer.writerow(['epoch', *(FORK_COLUMNS[t] for t in tasks), 'Delta_m_percent'])
+  writer.writerows([epoch, *(m[t] for t in tasks), dm] for epoch, m, dm in scored)
+  epoch, m, dm = max(scored, key=lambda r: r[2])
+  writer.writerow([])
+  writer.writerow([f'BEST(epoch {epoch})', *(m[t] for t in tasks), dm])
+  return buf.getvalue()
 
 
 def read_jsonl(path: str, sal_metric: str = 'miou') -> list[tuple[int, dict[str, float]]]:
@@ -205,38 +273,60 @@ def _write_atomic(path: str, text: str) -> None:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('runs', nargs='+', help='workdirs (metrics.jsonl) or user-fork logs')
-  parser.add_argument('--baselines', required=True,
+  parser.add_argument('runs', nargs='*', help='workdirs (metrics.jsonl) or user-fork logs')
+  parser.add_argument('--log-file', action='append', default=[], metavar='LOG',
+                      help="a run, as compute_delta_m.py's flag")
+  parser.add_argument('--baselines', default='',
                       help=f'a preset ({", ".join(PRESETS)}) or task=value,...')
-  parser.add_argument('--tasks', default='', help='comma list (default: tasks of --baselines)')
+  parser.add_argument('--st-json', metavar='FILE', help="the fork's baseline JSON")
+  for fork_name, task in FORK_TASKS.items():
+    parser.add_argument(f'--{fork_name}-st', type=float, metavar='V', help=f'{task} baseline')
+  parser.add_argument('--use-paper-st', action='store_true',
+                      help="the paper's baselines for tasks without one (docs/user_fork.md §7)")
+  parser.add_argument('--tasks', default='', help='comma list (default: tasks with a baseline)')
   parser.add_argument('--sal_metric', default='miou', choices=['miou', 'maxf'])
   parser.add_argument('--output', default='', help='OUTPUT[.csv|.md] prefix')
+  parser.add_argument('--csv-out', metavar='FILE', help="the fork's CSV layout (one run)")
   args = parser.parse_args(argv)
+  paths = args.runs + args.log_file
   try:
-    baselines = parse_baselines(args.baselines)
-    tasks = [FORK_TASKS.get(t, t) for t in filter(None, args.tasks.split(','))] or list(baselines)
+    if not paths:
+      raise DeltaMError('no run; give workdirs / logs as arguments or --log-file LOG')
+    if args.csv_out and len(paths) > 1:
+      raise DeltaMError('--csv-out writes the table of one run; give one run or use --output')
+    tasks = [FORK_TASKS.get(t.strip(), t.strip()) for t in args.tasks.split(',') if t.strip()]
+    bad = [t for t in tasks if t not in METRICS]
+    if bad:
+      raise DeltaMError(f'--tasks: unknown {", ".join(bad)}; choose among '
+                        f'{", ".join(FORK_TASKS)} (or {", ".join(METRICS)})')
+    baselines = fork_baselines(args, tasks)
+    tasks = list(dict.fromkeys(tasks)) or list(baselines)
     unknown = [t for t in tasks if t not in baselines]
     if unknown:
-      raise DeltaMError(f'no baseline for {", ".join(unknown)}; add it to --baselines')
-    runs = {path: read_run(path, args.sal_metric) for path in args.runs}
+      raise DeltaMError(f'no baseline for {", ".join(unknown)}; add it to --baselines (or '
+                        '--<task>-st, --st-json, --use-paper-st)')
+    runs = {path: read_run(path, args.sal_metric) for path in paths}
     rows, summary = table(runs, baselines, tasks)
   except (DeltaMError, OSError, json.JSONDecodeError, KeyError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
   csv_text, md_text = render(rows, summary, baselines, tasks)
-  first = args.runs[0]
+  first = paths[0]
   output = args.output or os.path.join(first if os.path.isdir(first) else os.path.dirname(first),
                                        'delta_m')
   print(md_text, end='')  # first: a bad --output does not lose the table
+  files = {args.csv_out: render_fork_csv(runs[first], baselines, tasks)} if args.csv_out else {}
+  if args.output or not args.csv_out:
+    files.update({output + '.csv': csv_text, output + '.md': md_text})
   try:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    _write_atomic(output + '.csv', csv_text)
-    _write_atomic(output + '.md', md_text)
+    for path, text in files.items():
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+      _write_atomic(path, text)
   except OSError as e:
-    print(f'error: cannot write {output}.csv ({e.strerror}: {e.filename}); choose another '
-          '--output', file=sys.stderr)
+    print(f'error: cannot write {e.filename or path} ({e.strerror}); choose another '
+          '--output / --csv-out', file=sys.stderr)
     return 1
-  print(f'wrote {output}.csv and {output}.md')
+  print(f'wrote {" and ".join(files)}')
   return 0
 
 
