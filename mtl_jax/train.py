@@ -39,6 +39,7 @@ import optax
 
 from mtl_jax import ConfigError
 from mtl_jax import checkpoint
+from mtl_jax.convert import adamw
 from mtl_jax import evaluators as evaluators_lib
 from mtl_jax import fork_log
 from mtl_jax import input_pipeline
@@ -258,7 +259,11 @@ class Trainer:
     (two-stage training, docs/methods.md §6): moments and Adam's count are copied, new leaves
     start fresh; with `config.init_schedule='continue'` the step and the schedule's count continue
     from the checkpoint, with 'restart' (the fork) they start at 0. Method state is not carried."""
-    step, saved = checkpoint.load_optimizer_state(path)
+    fork_moments = epath.Path(path) / adamw.FILE  # a converted .pth (mtl_jax/convert/adamw.py)
+    if fork_moments.exists():
+      step, saved = adamw.opt_state_arrays(fork_moments, state.opt_state)
+    else:
+      step, saved = checkpoint.load_optimizer_state(path)
     cont = self.config.init_schedule == 'continue'
     if cont and step >= self.config.total_steps:
       raise ConfigError(f'config.init_schedule=continue: the checkpoint is at step {step}, not '

@@ -402,3 +402,62 @@ def test_fork_yaml_argv_rewrites_only_yaml_configs():
       f'--config={FORK_YAML}:allow_unimplemented,path=a/b,c [1, 2].yaml')
   assert fork_yaml_argv(['x', '--config=configs/demo.py:smoke']) == [
       'x', '--config=configs/demo.py:smoke']
+
+
+def test_resume_from_a_fork_pth_takes_its_adamw_moments_by_parameter_order(tfds_dir, tmp_path,
+                                                                           monkeypatch):
+  """A fork `ckpt_epoch_N.pth` with an `optimizer` entry: the AdamW state indices follow the
+  fork's groups (decayed = not 1-D and not `.bias`, then the rest, each in state-dict order);
+  frozen parameters have no entry. After `--resume`, every trainable leaf's mu / nu are the
+  converted exp_avg / exp_avg_sq (here 0.5 W + 1 and W², which commute with the layout changes),
+  zero where the fork had no entry, Adam's count is the fork's step and the schedule restarts."""
+  from mtl_jax.convert import mtlora as mtlora_convert  # pylint: disable=g-import-not-at-top
+  from mtl_jax.convert import keys  # pylint: disable=g-import-not-at-top
+  from test_convert import save_pth  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  monkeypatch.chdir(tmp_path)
+  base = ['--cfg', os.path.join(FORK, T, 'mtlora_tiny_448_r64_scale4_pertask.yaml'), '--pascal',
+          tfds_dir, '--tasks', 'semseg,normals', '--smoke']
+  config, _, _, _ = fork_main.resolve(base)
+  rng = np.random.default_rng(0)
+  params, stats = jax.tree.map(lambda a: rng.normal(0, 0.02, a.shape).astype(np.float32),
+                               keys.abstract_weights(config))
+  sd = mtlora_convert.to_torch({'params': params, 'batch_stats': stats}, config)
+  buffers = ('relative_position_index', 'attn_mask', 'running_mean', 'running_var',
+             'num_batches_tracked')
+  names = [k for k in sd if k.rsplit('.', 1)[-1] not in buffers]
+  decayed = [k for k in names if sd[k].ndim > 1 and not k.endswith('.bias')]
+  order = decayed + [k for k in names if k not in decayed]
+  with_state = [i for i, k in enumerate(order) if 'lora_' in k or 'decoders' in k]
+  state = {i: {'step': np.array(7.0, np.float32), 'exp_avg': 0.5 * sd[order[i]] + 1,
+               'exp_avg_sq': np.square(sd[order[i]])} for i in with_state}
+  groups = [{'params': list(range(len(decayed))), 'weight_decay': 0.05},
+            {'params': list(range(len(decayed), len(order))), 'weight_decay': 0.0}]
+  save_pth(tmp_path / 'ckpt_epoch_3.pth', {'model': sd, 'epoch': 3, 'optimizer': {
+      'state': state, 'param_groups': groups}})
+
+  config, workdir, _, _ = fork_main.resolve(base + ['--resume', 'ckpt_epoch_3.pth'])
+  assert config.init_opt_state and config.init_schedule == 'restart'
+  trainer = train.Trainer(config, workdir, jax.devices()[:1])
+  loaded = trainer.load_optimizer_state(trainer.init_state(), config.init_from)
+  adam = [s for s in jax.tree.leaves(loaded.opt_state,
+                                     is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
+          if isinstance(s, optax.ScaleByAdamState)]
+  assert len(adam) == 1 and int(adam[0].count) == 7 and int(loaded.step) == 0
+  weights = keys.flatten(jax.device_get(loaded.params))
+  mu, nu = keys.flatten(jax.device_get(adam[0].mu)), keys.flatten(jax.device_get(adam[0].nu))
+  moved = {p for p in weights if 'lora_' in p or p.startswith('heads/')}  # torch decoders.*
+  assert moved and set(mu) == set(weights)
+  for p, w in weights.items():
+    if p in moved:
+      np.testing.assert_allclose(mu[p], 0.5 * w + 1, rtol=1e-6, err_msg=p)
+      np.testing.assert_allclose(nu[p], np.square(w), rtol=1e-6, err_msg=p)
+    else:
+      assert not np.any(mu[p]) and not np.any(nu[p]), p
+  # An optimizer state of another layout (one parameter short): the weights only (a warning).
+  groups[1]['params'].pop()
+  save_pth(tmp_path / 'other.pth', {'model': sd, 'optimizer': {'state': state,
+                                                                 'param_groups': groups}})
+  config, _, _, _ = fork_main.resolve(base + ['--resume', 'other.pth'])
+  assert config.init_from and not config.init_opt_state
+  assert not os.path.exists(os.path.join(config.init_from, 'adamw.npz'))

@@ -19,6 +19,13 @@ Formats (the model is built from `--config`, and every converted array is checke
   configs (docs/mtlora.md §7).
 * `mtlora`: a full MTLoRA checkpoint `ckpt_epoch_N.pth` (`model` key; its pickled yacs config is
   read inertly and skipped) -> all weights.
+* `promlora`: a ProMLoRA checkpoint of the user's fork -> all weights.
+
+For `mtlora` and `promlora` a `.pth` with an `optimizer` entry also gives its AdamW moments,
+mapped by parameter order (mtl_jax/convert/adamw.py), as `adamw.npz` in the output; a run with
+`--config.init_from=DIR --config.init_opt_state` starts from them (the fork's `--resume`). An
+optimizer entry that does not fit that layout is reported (a warning and `adamw_skipped` in the
+metadata) and the weights are converted without it.
 
 The conversion is the mtl_jax.convert package (one module per family); this is its CLI. `.pth`
 files are read by `mtl_jax.convert.torch_pickle` (no torch, no pickled code runs). The nested
@@ -38,13 +45,16 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 from mtl_jax import ConfigError
 from mtl_jax import convert
+from mtl_jax.convert import adamw
 from mtl_jax.convert import keys
 
 FORMATS = tuple(convert.FORMATS)
+OPTIMIZER_FORMATS = ('mtlora', 'promlora')  # full training checkpoints of the references
 
 _FORMAT = flags.DEFINE_enum('format', None, FORMATS, 'Kind of the input checkpoint.')
 _INPUT = flags.DEFINE_string('input', None, 'Checkpoint file (.pth, .npz or .safetensors).')
@@ -79,11 +89,21 @@ def run(fmt: str, input_path: str, output: str, config, key: str = '') -> dict[s
       'model': config.model.name, 'source_arrays': len(state_dict), **info, **conv_info,
       'params_arrays': len(keys.flatten(params)),
       'batch_stats_arrays': len(keys.flatten(batch_stats))}
+  moments = None
+  if fmt in OPTIMIZER_FORMATS and input_path.endswith('.pth'):
+    try:
+      moments = adamw.read(input_path, state_dict, convert.FORMATS[fmt], config)
+    except ConfigError as e:  # the weights are still good: converted without the moments
+      logging.warning('Optimizer state not converted: %s', e)
+      metadata['adamw_skipped'] = str(e)
+    metadata['adamw_entries'] = moments['entries'] if moments else 0
   parent = os.path.dirname(output)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(output)}.tmp-', dir=parent)
   try:
     checkpoint.save_weights(tmp, params, batch_stats, metadata)
+    if moments:
+      adamw.save(os.path.join(tmp, adamw.FILE), moments)
     os.rename(tmp, output)
   finally:
     if os.path.exists(tmp):

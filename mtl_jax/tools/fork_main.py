@@ -23,8 +23,9 @@ the run's directory is `<output>/<name or MODEL.NAME>/<tag or TAG>` (a rerun res
 `<output>/converted/`, mtl_jax/tools/convert.py `swin_imagenet`) or a converted directory.
 `--resume X` takes X's weights and optimizer state with the schedule restarted (the fork's
 behaviour, docs/user_fork.md §4): an mtl_jax run directory, its checkpoints directory or one
-step directory (`.../checkpoints/200`); a fork `ckpt_epoch_N.pth` gives the weights only (its
-AdamW moments are not mapped). With `--eval` the `--resume` weights are evaluated and nothing
+step directory (`.../checkpoints/200`), or a fork `ckpt_epoch_N.pth`: its weights and, when it
+has an `optimizer` entry, its AdamW moments and step count mapped by parameter order
+(mtl_jax/convert/adamw.py). With `--eval` the `--resume` weights are evaluated and nothing
 trains. `--freeze-backbone` trains the decoders only.
 
 Bad input prints one `error:` line naming the fix and exits with 1, before anything is written.
@@ -139,6 +140,7 @@ def resolve(argv: list[str]):
   --resume) into `<output>/converted/` first; ConfigError for bad input."""
   from configs import fork_yaml  # pylint: disable=g-import-not-at-top
   from mtl_jax import fork_config  # pylint: disable=g-import-not-at-top
+  from mtl_jax.convert import adamw  # pylint: disable=g-import-not-at-top
   args = parser().parse_args(argv)
   if args.pascal and args.nyud:
     raise ConfigError('give one of --pascal and --nyud')
@@ -168,7 +170,9 @@ def resolve(argv: list[str]):
       weights = source
     else:
       config.init_from = source
-      config.init_opt_state = not args.resume.endswith('.pth')  # .pth: weights only
+      # An mtl_jax checkpoint, or a .pth with an optimizer entry (its moments, converted).
+      config.init_opt_state = (not args.resume.endswith('.pth')
+                               or os.path.exists(os.path.join(source, adamw.FILE)))
       config.init_schedule = 'restart'
   elif args.resume_backbone:
     config.init_from = _checkpoint(args.resume_backbone, 'swin_imagenet', config, args.output)
