@@ -114,6 +114,9 @@ def main(argv):
   except mtl_jax.ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
+  except mtl_jax.RunStopped as e:  # docs/faults.md: good checkpoints kept; the exit code says why
+    print(f'{"error" if e.exit_code == 1 else "stopped"}: {e}', file=sys.stderr)
+    sys.exit(e.exit_code)
 
 
 def cli():

@@ -47,6 +47,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.steps_per_epoch = 0
   c.eval_every_epochs = 0
   c.checkpoint_every_epochs = 0
+  # A step whose loss or updated weights are not finite is never applied nor saved
+  # (docs/faults.md): 'stop' ends the run (exit 1, good checkpoints kept); 'skip' drops the
+  # update, counts it (train/skipped_steps) and stops after nonfinite_max_skips in a row.
+  c.nonfinite = 'stop'
+  c.nonfinite_max_skips = 10
   c.keep_checkpoints = 2  # the latest N checkpoints are kept (N >= 1) ...
   c.keep_period = 0  # ... and every one whose step is a multiple of this (0: none; 1: all)
   # The user fork's WORKDIR/log_rank0.txt (mtl_jax/fork_log.py) under this logger name (its

@@ -44,6 +44,17 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def reload(self) -> None:
+    """Re-reads the step list (after a step directory was set aside)."""
+    self._manager.reload()
+
+  def state_shapes(self, step: int) -> dict[str, tuple[int, ...]]:
+    """{leaf path: shape} of checkpoint `step`'s train state, from its metadata only."""
+    return state_shapes(self.directory / str(step) / STATE)
+
   def save(self, step: int, state: dict[str, Any], data_iter, config: dict[str, Any]) -> None:
     """Starts an asynchronous save of `state`, the iterator position and the config."""
     self._manager.save(step, args=ocp.args.Composite(**{
@@ -63,6 +74,36 @@ class Checkpointer:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def state_shapes(item_dir) -> dict[str, tuple[int, ...]]:
+  """{leaf path: shape} of the train state saved in `item_dir` (read from its metadata)."""
+  metadata = ocp.PyTreeCheckpointer().metadata(epath.Path(item_dir)).item_metadata.tree
+  flat = jax.tree_util.tree_flatten_with_path(
+      metadata, is_leaf=lambda x: hasattr(x, 'shape') and not isinstance(x, dict))[0]
+  return {sharding.path_str(p): tuple(v.shape) for p, v in flat}
+
+
+def set_aside(directory, step: int) -> epath.Path:
+  """Renames checkpoint `step` of `directory` to `unreadable-<step>` (kept for inspection,
+  ignored by Orbax, never deleted); returns the new path."""
+  source = epath.Path(directory) / str(step)
+  target = epath.Path(directory) / f'unreadable-{step}'
+  n = 1
+  while target.exists():
+    target, n = epath.Path(directory) / f'unreadable-{step}.{n}', n + 1
+  source.rename(target)
+  return target
+
+
+def remove_stale_tmp(directory) -> None:
+  """Removes the `*.orbax-checkpoint-tmp*` directories an interrupted save left behind."""
+  directory = epath.Path(directory)
+  if not directory.is_dir():
+    return
+  for path in sorted(directory.glob('*.orbax-checkpoint-tmp*')):
+    logging.info('Removing %s, an unfinished save of an interrupted run', path)
+    path.rmtree() if path.is_dir() else path.unlink()
 
 
 def latest_step(directory) -> int | None:

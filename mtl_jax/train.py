@@ -24,6 +24,8 @@ import dataclasses
 import functools
 import os
 import re
+import signal
+import threading
 import time
 from typing import Any
 
@@ -38,6 +40,7 @@ import numpy as np
 import optax
 
 from mtl_jax import ConfigError
+from mtl_jax import RunStopped
 from mtl_jax import checkpoint
 from mtl_jax.convert import adamw
 from mtl_jax import evaluators as evaluators_lib
@@ -101,6 +104,13 @@ def validate_config(config, num_devices: int) -> dict[str, tasks_lib.Task]:
                       '(0 = no conflict diagnostics)')
   if config.conflict.every_steps and len(tasks) < 2:
     raise ConfigError('config.conflict.every_steps needs at least two tasks in --config.tasks')
+  if config.nonfinite not in ('stop', 'skip'):
+    raise ConfigError(f"config.nonfinite={config.nonfinite!r}; use 'stop' or 'skip'")
+  if int(config.nonfinite_max_skips) <= 0:
+    raise ConfigError(f'config.nonfinite_max_skips={config.nonfinite_max_skips} must be positive')
+  if 'prediction_grid' in evaluators_lib.names(config) and int(config.num_eval_images) <= 0:
+    raise ConfigError(f'config.num_eval_images={config.num_eval_images} must be positive (or '
+                      "leave 'prediction_grid' out of config.evaluators)")
   if config.eval_boundary and 'edge' not in tasks:
     raise ConfigError('config.eval_boundary needs the edge task; add edge to --config.tasks or '
                       'set --config.eval_boundary=False')
@@ -146,6 +156,8 @@ class Trainer:
     self.workdir = epath.Path(workdir)
     if not self.workdir.is_absolute():  # Orbax needs absolute paths (gs:// ones are)
       self.workdir = self.workdir.resolve()
+    if self.workdir.exists() and not self.workdir.is_dir():
+      raise ConfigError(f'--workdir {os.fspath(self.workdir)} is a file; give a directory')
     try:
       self.mesh = sharding.make_mesh(config.mesh, devices)
     except ValueError as e:
@@ -186,7 +198,7 @@ class Trainer:
     repl = sharding.replicated(self.mesh)
     batch = sharding.batch_sharding(self.mesh)
     self.rest = jax.jit(self._init_rest, out_shardings=repl)()
-    self.train_step = jax.jit(self.method.train_step,
+    self.train_step = jax.jit(self._guarded_train_step,
                               in_shardings=(self.state_sharding, repl, batch),
                               out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
     self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding, repl, batch),
@@ -217,13 +229,40 @@ class Trainer:
     `config.init_from`, if set)."""
     state = jax.jit(self._init_state, out_shardings=self.state_sharding)()
     weights = weights or self.config.init_from
-    return self.load_weights(state, weights) if weights else state
+    if not weights:
+      return state
+    try:
+      return self.load_weights(state, weights)
+    except ConfigError:
+      raise
+    except (FileNotFoundError, ValueError, OSError) as e:  # missing, garbage, not a checkpoint
+      reason = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)[:300]
+      raise ConfigError(f'config.init_from={weights}: cannot be read ({reason}); give a '
+                        'checkpoint directory (a workdir, its checkpoints dir or a step dir, or '
+                        'the output of mtl_jax.tools.convert)') from e
 
   def restore(self, ckpt: checkpoint.Checkpointer, step: int, data_iter) -> TrainState:
     """The train state of checkpoint `step` on this mesh (`data_iter` set to its position)."""
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             self.abstract_state, self.state_sharding)
     return TrainState(**ckpt.restore(step, abstract.as_dict(), data_iter))
+
+  def check_structure(self, ckpt: checkpoint.Checkpointer, step: int) -> None:
+    """ConfigError when checkpoint `step` holds another model than this config's (its metadata
+    is read; an unreadable one raises what Orbax raises)."""
+    saved = ckpt.state_shapes(step)
+    kinds = ('params', 'frozen', 'batch_stats')
+    want = {f'{k}/{p}': tuple(v.shape) for k in kinds
+            for p, v in _flatten_abstract(getattr(self.abstract_state, k)).items()}
+    got = {k: v for k, v in saved.items() if k.split('/')[0] in kinds}
+    if got == want:
+      return
+    differ = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+    examples = ', '.join(f'{k}: {got.get(k, "absent")} saved, {want.get(k, "absent")} here'
+                         for k in differ[:2])
+    raise ConfigError(f'{os.fspath(ckpt.directory)}/{step} holds another model than this config '
+                      f'({len(differ)} arrays differ, e.g. {examples}); resume with the config it '
+                      'was trained with (WORKDIR/config.json) or use a new --workdir')
 
   def load_weights(self, state: TrainState, path) -> TrainState:
     """Overwrites the parameters and BN statistics present in the checkpoint at `path`."""
@@ -293,6 +332,16 @@ class Trainer:
     return state.replace(opt_state=opt_state,
                          step=jax.device_put(new_step, state.step.sharding))
 
+  def _guarded_train_step(self, state: TrainState, rest, batch):
+    """The method's step, applied only when its loss and new weights are finite (docs/faults.md
+    §1): otherwise the state is kept (but for the step count) and `nonfinite` is 1."""
+    new, scalars = self.method.train_step(state, rest, batch)
+    finite = jnp.isfinite(scalars['loss'])
+    for leaf in jax.tree.leaves((new.params, new.batch_stats)):
+      finite &= jnp.all(jnp.isfinite(leaf))
+    kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+    return kept.replace(step=new.step), {**scalars, 'nonfinite': 1 - finite.astype(jnp.int32)}
+
   # -- model and evaluation --------------------------------------------------------------------
 
   def model(self, graph, state: TrainState, rest, params=None):
@@ -330,6 +379,10 @@ def _local_rows(x: jax.Array) -> np.ndarray:
   return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
 
 
+def _flatten_abstract(tree) -> dict[str, Any]:
+  return {sharding.path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def _flatten(tree: dict, prefix: str) -> dict[str, np.ndarray]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   return {f'{prefix}/{sharding.path_str(p)}': np.asarray(v) for p, v in flat}
@@ -354,8 +407,16 @@ _MAIN_METRICS = ('miou', 'maxf', 'mean', 'rmse', 'loss', 'rmse_predict_mean', 'o
 def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
   """Trains (resuming from WORKDIR/checkpoints if present); returns the last eval metrics.
 
-  `devices` (default: all) restricts the mesh, e.g. for tests comparing device counts.
+  `devices` (default: all) restricts the mesh, e.g. for tests comparing device counts. Faults
+  (docs/faults.md): a non-finite step is never applied nor saved (`config.nonfinite`); SIGTERM /
+  SIGINT save a checkpoint at the step reached and raise `RunStopped`; an unreadable latest
+  checkpoint falls back to the previous one; bad input fails before the workdir is written.
   """
+  with _StopSignals() as signals:
+    return _train(config, workdir, devices, signals)
+
+
+def _train(config, workdir, devices, signals) -> dict[str, float]:
   trainer = Trainer(config, workdir, devices)
   config, workdir = trainer.config, trainer.workdir
   train_iter = input_pipeline.make_train_iterator(config, trainer.tasks,
@@ -363,40 +424,167 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
   eval_iter, _ = input_pipeline.make_eval_iterator(
       config, trainer.tasks, config.dataset.eval_split, source=trainer.eval_source)
 
-  state = None
-  if checkpoint.latest_step(workdir / 'checkpoints') is None:  # a fresh run: a bad init_from /
-    if config.resume_from:                                      # resume_from fails before
-      try:                                                      # anything is written
-        source, source_step = checkpoint.locate(config.resume_from, 'config.resume_from')
-      except FileNotFoundError as e:
-        raise ConfigError(str(e)) from e
-      source_ckpt = checkpoint.Checkpointer(source, async_save=False)
-      try:
-        state = trainer.restore(source_ckpt, source_step, train_iter)
-      finally:
-        source_ckpt.close()
-      logging.info('Continuing %s from its step %d (config.resume_from)', source, source_step)
+  # Everything that can fail on bad input happens before the first byte of the workdir.
+  ckpt_dir = workdir / 'checkpoints'
+  ckpt, latest = None, checkpoint.latest_step(ckpt_dir)
+  if latest is None:  # a fresh run
+    if config.resume_from:
+      state = _continue_from(trainer, config.resume_from, train_iter)
     else:
       state = trainer.init_state()
       if config.init_opt_state:
         state = trainer.load_optimizer_state(state, config.init_from)
+  else:
+    ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints,
+                                   keep_period=config.keep_period)
+    try:
+      state, latest = _restore_latest(trainer, ckpt, train_iter)
+    except BaseException:
+      ckpt.close()
+      raise
+    if latest > config.total_steps:
+      ckpt.close()
+      raise ConfigError(f'{os.fspath(ckpt_dir)} is at step {latest}, beyond config.total_steps='
+                        f'{config.total_steps}; raise total_steps or use a new --workdir')
 
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
-  ckpt = checkpoint.Checkpointer(workdir / 'checkpoints', max_to_keep=config.keep_checkpoints,
-                                 keep_period=config.keep_period)
+    checkpoint.remove_stale_tmp(ckpt_dir)
+  if ckpt is None:
+    ckpt = checkpoint.Checkpointer(ckpt_dir, max_to_keep=config.keep_checkpoints,
+                                   keep_period=config.keep_period)
   writer = reporting.create_writer(workdir)
+  try:
+    return _loop(trainer, state, latest, ckpt, writer, train_iter, eval_iter, signals)
+  finally:  # also on errors and interrupts: in-flight saves finish, nothing is left half-written
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+
+
+def _continue_from(trainer, source_path, train_iter) -> TrainState:
+  """The state of `config.resume_from`'s checkpoint (a fresh run continuing another)."""
+  try:
+    source, source_step = checkpoint.locate(source_path, 'config.resume_from')
+  except FileNotFoundError as e:
+    raise ConfigError(str(e)) from e
+  source_ckpt = checkpoint.Checkpointer(source, async_save=False)
+  try:
+    trainer.check_structure(source_ckpt, source_step)
+    state = trainer.restore(source_ckpt, source_step, train_iter)
+  finally:
+    source_ckpt.close()
+  logging.info('Continuing %s from its step %d (config.resume_from)', source, source_step)
+  return state
+
+
+def _restore_latest(trainer, ckpt, train_iter) -> tuple[TrainState, int]:
+  """The newest checkpoint that restores; an unreadable one is set aside (renamed
+  `unreadable-<step>`, never deleted) with one warning and the previous one tried."""
+  steps = sorted(ckpt.all_steps(), reverse=True)
+  for step in steps:
+    try:
+      trainer.check_structure(ckpt, step)  # a ConfigError (other model) is not a fallback
+      state = trainer.restore(ckpt, step, train_iter)
+    except ConfigError:
+      raise
+    except Exception as e:  # pylint: disable=broad-except
+      reason = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)[:300]
+      moved = checkpoint.set_aside(ckpt.directory, step) if jax.process_index() == 0 else None
+      logging.warning('Checkpoint %s/%d cannot be restored (%s: %s); %strying the previous one',
+                      ckpt.directory, step, type(e).__name__, reason,
+                      f'kept as {moved.name}, ' if moved else '')
+      ckpt.reload()
+      continue
+    logging.info('Resumed from %s at step %d', ckpt.directory, step)
+    return state, step
+  raise ConfigError(f'no checkpoint in {os.fspath(ckpt.directory)} can be restored (tried steps '
+                    f'{steps}, now named unreadable-<step>); move the directory away to start '
+                    'afresh')
+
+
+class _StopSignals:
+  """SIGTERM / SIGINT -> a checkpoint at the end of the current step (docs/faults.md §2).
+
+  One process: Python handlers (restored on exit; a second SIGINT interrupts at once).
+  Several: JAX's preemption service (SIGTERM) makes every process stop at the same step
+  (`multihost_utils.reached_preemption_sync_point`); SIGINT keeps its default there.
+  """
+
+  def __init__(self):
+    self.signum, self._previous = None, {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      wanted = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+      for signum in wanted:
+        self._previous[signum] = signal.signal(signum, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for signum, handler in self._previous.items():
+      signal.signal(signum, handler)
+
+  def _handle(self, signum, frame):
+    if signum == signal.SIGINT and self.signum == signal.SIGINT:
+      signal.default_int_handler(signum, frame)  # the second Ctrl-C: KeyboardInterrupt now
+    self.signum = signum
+    logging.warning('%s received: saving a checkpoint after this step, then stopping',
+                    signal.Signals(signum).name)
+
+  def requested(self, step: int) -> int | None:
+    if self.signum is None and jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signum = signal.SIGTERM
+    return self.signum
+
+
+class _NonFiniteSteps:
+  """The host side of the step's finite check (docs/faults.md §1): the per-step flags are
+  fetched at the next log / eval / checkpoint / stop, before anything is written."""
+
+  def __init__(self, config):
+    self.policy, self.max_skips = config.nonfinite, int(config.nonfinite_max_skips)
+    self.pending, self.skipped, self.consecutive = [], 0, 0
+
+  def add(self, step: int, flag) -> None:
+    self.pending.append((step, flag))
+
+  def check(self, last_saved: int | None) -> None:
+    if not self.pending:
+      return
+    flags = jax.device_get([f for _, f in self.pending])
+    steps, self.pending = [s for s, _ in self.pending], []
+    kept = (f'the checkpoints up to step {last_saved} are kept' if last_saved is not None
+            else 'no checkpoint was written')
+    for step, flag in zip(steps, flags):
+      if not flag:
+        self.consecutive = 0
+        continue
+      if self.policy == 'stop':
+        raise RunStopped(
+            f'step {step}: the loss or the updated weights are not finite (NaN/Inf); the update '
+            f'was not applied and the run stopped ({kept}). Lower --config.optimizer.'
+            'learning_rate (or set --config.nonfinite=skip) and rerun the command to resume')
+      self.skipped, self.consecutive = self.skipped + 1, self.consecutive + 1
+      logging.warning('step %d: not finite, update skipped (%d in a row)', step, self.consecutive)
+      if self.consecutive >= self.max_skips:
+        raise RunStopped(
+            f'steps {step - self.consecutive + 1}..{step}: {self.consecutive} non-finite steps in '
+            f'a row (config.nonfinite_max_skips={self.max_skips}); the run stopped ({kept}). '
+            'Lower --config.optimizer.learning_rate and rerun the command to resume')
+
+
+def _loop(trainer, state, latest, ckpt, writer, train_iter, eval_iter, signals):
+  config, workdir = trainer.config, trainer.workdir
+  if latest is not None:
+    reporting.truncate_metrics(workdir, latest)
+  reporting.log_parameters(state.params, state.frozen, writer, write_scalars=latest is None)
   log = fork_log.ForkLog(workdir, config.fork_log, tasks=trainer.tasks,
                          steps_per_epoch=config.steps_per_epoch, total_steps=config.total_steps,
                          enabled=jax.process_index() == 0)
-
-  latest = ckpt.latest_step()
-  if latest is not None:
-    state = trainer.restore(ckpt, latest, train_iter)
-    reporting.truncate_metrics(workdir, latest)
-    logging.info('Resumed from %s at step %d', ckpt.directory, latest)
-  reporting.log_parameters(state.params, state.frozen, writer, write_scalars=latest is None)
 
   step, total = int(state.step), config.total_steps
   eval_metrics = {}
@@ -410,6 +598,7 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
   logging.info('Training steps %d..%d, global batch %d on %d devices (mesh %s)', step + 1, total,
                config.batch_size, jax.device_count(), dict(trainer.mesh.shape))
   train_step = cost = None
+  guard, saved = _NonFiniteSteps(config), latest
   conflict_every = int(config.conflict.every_steps)
   while step < total:
     batch = sharding.global_batch(next(train_iter), trainer.mesh)
@@ -422,39 +611,51 @@ def train_and_evaluate(config, workdir, devices=None) -> dict[str, float]:
     state, scalars = train_step(state, trainer.rest, batch)
     step += 1
     window.append(scalars)
+    guard.add(step, scalars['nonfinite'])
     report(step)
+    stop = signals.requested(step)
+    is_log = step % config.log_every_steps == 0 or step == total
+    is_eval = step % config.eval_every_steps == 0 or step == total
+    is_save = step % config.checkpoint_every_steps == 0 or step == total or stop
+    if is_log or is_eval or is_save:
+      guard.check(saved)
 
-    if step % config.log_every_steps == 0 or step == total:
-      means = {k: float(np.mean(v)) for k, v in jax.device_get(
-          jax.tree.map(lambda *xs: jnp.stack(xs), *window)).items()}
-      if not np.isfinite(means['loss']):
-        raise FloatingPointError(f'training loss is {means["loss"]} at step {step}')
+    if is_log:
+      stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *window))
+      applied = stacked.pop('nonfinite') == 0  # skipped steps' scalars are not averaged
+      means = {k: float(np.mean(v[applied])) for k, v in stacked.items()} if applied.any() else {}
       steps_per_sec = (step - window_start) / max(time.perf_counter() - t0, 1e-9)
       writer.write_scalars(step, {**{f'train/{k}': v for k, v in means.items()},
+                                  'train/skipped_steps': guard.skipped,
                                   **cost.scalars(steps_per_sec, config.batch_size)})
       eta = (total - step) / max(steps_per_sec, 1e-9)
       logging.info('step %d/%d | loss %.4f | %.2f steps/s | %.1f img/s | ETA %s', step, total,
-                   means['loss'], steps_per_sec, steps_per_sec * config.batch_size,
+                   means.get('loss', np.nan), steps_per_sec, steps_per_sec * config.batch_size,
                    time.strftime('%H:%M:%S', time.gmtime(eta)))
       log.train(step, means, 1 / max(steps_per_sec, 1e-9), config.optimizer.weight_decay)
       window = []
     log.step_done(step)
 
-    if step % config.eval_every_steps == 0 or step == total:
+    if is_eval and not stop:
       with report.timed('eval'):
         eval_metrics = _evaluate_and_write(writer, step, trainer, state, eval_iter, log)
 
-    if step % config.checkpoint_every_steps == 0 or step == total:
+    if is_save:
       with report.timed('checkpoint'):
         ckpt.save(step, state.as_dict(), train_iter, config.to_dict())
+      saved = step
     writer.flush()
+    if stop:
+      ckpt.wait()
+      name = signal.Signals(stop).name
+      raise RunStopped(f'{name}: stopped at step {step} after saving its checkpoint in '
+                       f'{os.fspath(ckpt.directory)}; rerun the same command to resume',
+                       exit_code=128 + int(stop))
     if not window:  # restart the speed window after logging / eval / checkpointing
       t0, window_start = time.perf_counter(), step
 
-  ckpt.wait()
-  ckpt.close()
-  writer.close()
   if conflict_every and jax.process_index() == 0:
+    ckpt.wait()
     conflict.write_file(workdir, int(config.steps_per_epoch))
   return eval_metrics
 

@@ -37,6 +37,7 @@ import re
 import sys
 
 from mtl_jax import ConfigError
+from mtl_jax import RunStopped
 
 # torch.distributed.launch / torchrun arguments and main.py flags with no effect here.
 _LAUNCHER = ('--nproc_per_node', '--nproc-per-node', '--nnodes', '--node_rank', '--node-rank',
@@ -214,6 +215,9 @@ def main(argv: list[str]) -> int:
   except ConfigError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
+  except RunStopped as e:  # docs/faults.md
+    print(f'{"error" if e.exit_code == 1 else "stopped"}: {e}', file=sys.stderr)
+    return e.exit_code
   return 0
 
 
