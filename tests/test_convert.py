@@ -231,6 +231,20 @@ def test_pth_rejects_bad_files(tmp_path):
   save_pth(tmp_path / 'oob.pth', {'x': View(base, 8, (2, 2), (2, 1))})  # reads element 11 of 10
   with pytest.raises(pickle.UnpicklingError, match='past its storage'):
     torch_pickle.load(tmp_path / 'oob.pth')
+  # A truncated download is not called a legacy file; a call chained on an inert object (a
+  # getattr payload) is one ValueError, not a TypeError traceback, and runs nothing.
+  good = (tmp_path / 'oob.pth').read_bytes()
+  (tmp_path / 'truncated.pth').write_bytes(good[: len(good) // 2])
+  with pytest.raises(ValueError, match='damaged zip archive'):
+    torch_pickle.load(tmp_path / 'truncated.pth')
+  (tmp_path / 'text.pth').write_text('not a checkpoint')
+  with pytest.raises(ValueError, match='not a PyTorch checkpoint'):
+    torch_pickle.load(tmp_path / 'text.pth')
+  chain = (b'\x80\x02cbuiltins\ngetattr\nX\x03\x00\x00\x00abcX\x05\x00\x00\x00upper\x86R'
+           b')R.')  # getattr('abc', 'upper')(): the inert getattr's result called
+  _zip_with_pickle(tmp_path / 'chain.pth', chain)
+  with pytest.raises(ValueError, match='not a plain checkpoint'):
+    torch_pickle.load(tmp_path / 'chain.pth')
 
 
 def test_read_state_dict_selects_and_flattens(tmp_path):

@@ -33,3 +33,37 @@ def test_compare_reports_relative_error():
   rows = parity.compare({'a': np.array([1.0, 2.0]), 'b': np.zeros(2)},
                         {'a': np.array([1.0, 4.0])})
   assert rows == [('a', 2.0, 0.5)]
+
+
+def _one_error_line(err: str, match: str) -> None:
+  lines = [l for l in err.strip().splitlines() if l.strip()]
+  assert lines and lines[-1].startswith('error: ') and match in lines[-1], err[-2000:]
+  assert 'Traceback' not in err, err[-2000:]
+
+
+def test_tools_give_one_error_line_for_the_probes_bad_inputs(tmp_path, capsys):
+  """docs/faults.md §4, the 2026-12-01 probe: parity on a file that is not a fixture .npz
+  (before: numpy's hint to allow pickles, as a traceback), convert --output under a regular file
+  (before: a traceback after the conversion), label_stats with an unknown split (before: a
+  traceback)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  from conftest import ROOT, launch_env  # pylint: disable=g-import-not-at-top
+  from mtl_jax import ConfigError  # pylint: disable=g-import-not-at-top
+  from mtl_jax.tools import convert  # pylint: disable=g-import-not-at-top
+  (tmp_path / 'bad.npz').write_text('garbage')
+  assert parity.main([str(tmp_path / 'bad.npz')]) == 1
+  _one_error_line(capsys.readouterr().err, 'is not a fixture .npz')
+
+  (tmp_path / 'file').write_text('x')
+  with pytest.raises(ConfigError, match='is a file; choose another directory'):
+    convert.run('mtlora', str(tmp_path / 'missing.pth'), str(tmp_path / 'file' / 'out'),
+                demo.get_config('smoke'))
+  assert (tmp_path / 'file').read_text() == 'x'
+
+  done = subprocess.run([sys.executable, '-m', 'mtl_jax.tools.label_stats',
+                         f'--config={ROOT}/configs/demo.py:smoke', '--split=unknown'],
+                        capture_output=True, text=True, cwd=tmp_path,
+                        env=dict(launch_env(), PYTHONPATH=ROOT))
+  assert done.returncode == 1
+  _one_error_line(done.stderr, "unknown split 'unknown'")

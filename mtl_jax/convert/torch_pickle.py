@@ -148,8 +148,15 @@ def load(path):
   Raises ValueError for files that are not torch zip archives (e.g. the legacy pre-1.6 format).
   """
   if not zipfile.is_zipfile(path):
-    raise ValueError(f'{path} is not a torch zip archive (torch.save of torch >= 1.6); legacy '
-                     'files: re-save with torch.save(torch.load(path), new_path) and convert that')
+    with open(path, 'rb') as f:
+      head = f.read(4)
+    if head.startswith(b'PK'):  # a zip whose end (central directory) is missing
+      raise ValueError(f'{path} is a damaged zip archive (truncated download or copy?); fetch '
+                       'or save it again')
+    if head[:1] == b'\x80':  # a pickle: torch.save before torch 1.6
+      raise ValueError(f'{path} is a legacy (pre-1.6) torch file; re-save it with '
+                       'torch.save(torch.load(path), new_path) and convert that')
+    raise ValueError(f'{path} is not a PyTorch checkpoint (torch.save zip archive)')
   with zipfile.ZipFile(path) as archive:
     pickles = [n for n in archive.namelist() if n.endswith('data.pkl') and n.count('/') == 1]
     if len(pickles) != 1:
@@ -159,4 +166,10 @@ def load(path):
     byteorder = (archive.read(prefix + 'byteorder').decode().strip()
                  if prefix + 'byteorder' in names else 'little')
     with archive.open(pickles[0]) as f:
-      return _Unpickler(f, archive, prefix, byteorder).load()
+      try:
+        return _Unpickler(f, archive, prefix, byteorder).load()
+      except (TypeError, AttributeError, IndexError, EOFError, RecursionError) as e:
+        # A pickle that is not a plain checkpoint (e.g. calls chained on inert objects): it ran
+        # nothing, and is reported as unreadable.
+        raise ValueError(f'{path}: its data.pkl is not a plain checkpoint of tensors and '
+                         f'containers ({type(e).__name__}: {e})') from None

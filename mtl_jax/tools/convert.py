@@ -82,6 +82,11 @@ def run(fmt: str, input_path: str, output: str, config, key: str = '') -> dict[s
   output = os.path.abspath(output)
   if os.path.exists(output):
     raise ConfigError(f'--output {output} exists; remove it or choose another directory')
+  parent = os.path.dirname(output)
+  while not os.path.exists(parent):
+    parent = os.path.dirname(parent)
+  if not os.path.isdir(parent):
+    raise ConfigError(f'--output {output}: {parent} is a file; choose another directory')
   state_dict, info = convert.read_state_dict(input_path, key)
   params, batch_stats, conv_info = convert.convert_state_dict(state_dict, fmt, config)
   metadata = {

@@ -20,6 +20,7 @@ labels with the references' ignore regions: human-part maps without parts and ze
 """
 
 import os
+import sys
 
 # TensorFlow (imported by TFDS) only reads data here: keep its start-up logs quiet.
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -29,6 +30,7 @@ from absl import flags  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 import numpy as np  # pylint: disable=g-import-not-at-top
 
+from mtl_jax import ConfigError  # pylint: disable=g-import-not-at-top
 from mtl_jax import input_pipeline  # pylint: disable=g-import-not-at-top
 from mtl_jax import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
 from mtl_jax import transforms  # pylint: disable=g-import-not-at-top
@@ -148,8 +150,13 @@ def main(argv):
   del argv
   config = flags.FLAGS.config
   split = flags.FLAGS.split or config.dataset.train_split
-  stats = compute(config, split, flags.FLAGS.max_examples)
+  try:
+    stats = compute(config, split, flags.FLAGS.max_examples)
+  except ConfigError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   print(format_report(stats, f'{config.dataset.name} {split}'))
+  return 0
 
 
 def cli():

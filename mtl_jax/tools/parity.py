@@ -22,6 +22,7 @@ import importlib
 import json
 import os
 import sys
+import zipfile
 from typing import Mapping
 
 import numpy as np
@@ -51,12 +52,20 @@ def family_of(sidecar: Mapping) -> str:
 
 def load_fixture(path: str) -> tuple[dict[str, np.ndarray], dict]:
   """(arrays, sidecar) of FIXTURE.npz and its FIXTURE.json."""
-  arrays = dict(np.load(path))
+  try:
+    with np.load(path, allow_pickle=False) as npz:  # a fixture holds arrays only
+      arrays = {k: npz[k] for k in npz.files}
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    raise ConfigError(f'{path} is not a fixture .npz of named arrays ({type(e).__name__}); give '
+                      'a FIXTURE.npz written by the fixture scripts (tests/fixtures)') from None
   sidecar_path = os.path.splitext(path)[0] + '.json'
   if not os.path.exists(sidecar_path):
-    raise FileNotFoundError(f'{sidecar_path} not found: the fixture needs its .json sidecar')
-  with open(sidecar_path) as f:
-    return arrays, json.load(f)
+    raise ConfigError(f'{sidecar_path} not found: the fixture needs its .json sidecar')
+  try:
+    with open(sidecar_path) as f:
+      return arrays, json.load(f)
+  except ValueError as e:
+    raise ConfigError(f'{sidecar_path} is not JSON ({e})') from None
 
 
 def build_from_fixture(arrays: Mapping[str, np.ndarray], sidecar: Mapping,
