@@ -38,6 +38,8 @@ import re
 import statistics
 import sys
 
+from mtl_jax.tools import tool_args
+
 # task -> (metric key under eval/<task>/, lower is better)
 METRICS = {'semseg': ('miou', False), 'human_parts': ('miou', False), 'sal': ('miou', False),
            'normals': ('mean', True), 'depth': ('rmse', True), 'edge': ('odsF', False)}
@@ -264,13 +266,6 @@ def render(rows, summary, baselines, tasks) -> tuple[str, str]:
   return buf.getvalue(), '\n'.join(md) + '\n'
 
 
-def _write_atomic(path: str, text: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('runs', nargs='*', help='workdirs (metrics.jsonl) or user-fork logs')
@@ -321,7 +316,7 @@ def main(argv=None) -> int:
   try:
     for path, text in files.items():
       os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-      _write_atomic(path, text)
+      tool_args.write_atomic(path, text)
   except OSError as e:
     print(f'error: cannot write {e.filename or path} ({e.strerror}); choose another '
           '--output / --csv-out', file=sys.stderr)
