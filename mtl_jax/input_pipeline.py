@@ -32,6 +32,7 @@ Config keys read:
 import importlib
 import importlib.util
 import math
+import os
 
 from absl import logging
 import grain
@@ -102,7 +103,31 @@ def open_data_source(dataset_cfg, split: str):
   except (KeyError, ValueError) as e:
     raise ConfigError(f'unknown split {split!r} of dataset {name!r}; available splits: '
                       f'{", ".join(splits)} (fix config.dataset.train_split/eval_split)') from e
+  check_shards(builder, split)
   return tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+
+
+def check_shards(builder, split: str) -> None:
+  """Every array_record shard of `split` opens and holds the records dataset_info lists
+  (cheap: each file's footer); a missing, truncated or foreign file is a ConfigError naming it
+  (docs/faults.md §4)."""
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+  info = builder.info.splits[split.split('[')[0]]
+  rebuild = (f'rebuild the dataset (python -m data_builders.build ... --data_dir='
+             f'{builder.data_dir}) or restore the file')
+  for path, want in zip(info.filepaths, info.shard_lengths):
+    try:
+      reader = array_record_module.ArrayRecordReader(os.fspath(path))
+      try:
+        got = reader.num_records()
+      finally:
+        reader.close()
+    except Exception as e:  # pylint: disable=broad-except  (riegeli / OS errors)
+      reason = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)[:200]
+      raise ConfigError(f'{os.fspath(path)}: unreadable shard of {builder.info.full_name} '
+                        f'({reason}); {rebuild}') from None
+    if got != want:
+      raise ConfigError(f'{os.fspath(path)}: {got} records, dataset_info lists {want}; {rebuild}')
 
 
 def _local_batch_size(global_batch: int, process_count: int, key: str) -> int:
@@ -149,8 +174,12 @@ def _train_transform(config, tasks) -> grain.transforms.RandomMap:
       flip=inp.flip, photometric=inp.photometric)
 
 
-def _eval_transform(config, tasks) -> grain.transforms.Map:
-  """The evaluation chain of ``config.input.augment``: pad ('mlore') or resize ('mtlora')."""
+def eval_transform(config, tasks) -> grain.transforms.Map:
+  """The evaluation chain of ``config.input.augment``: pad ('mlore') or resize ('mtlora').
+
+  With `tasks` = {} it maps {'image': (h, w, 3) uint8} to the model input alone
+  (mtl_jax/tools/predict.py).
+  """
   crop_size = tuple(config.input.crop_size)
   if _augment(config) == 'mtlora':
     return transforms.MTLoRAEvalTransform(tasks, crop_size)
@@ -228,7 +257,7 @@ def make_eval_iterator(config, tasks, split: str, *, source=None, process_index=
   process_index, process_count = _process(process_index, process_count)
   global_batch = config.get('eval_batch_size') or config.batch_size
   local_batch = _local_batch_size(global_batch, process_count, 'config.eval_batch_size')
-  transform = _eval_transform(config, tasks)
+  transform = eval_transform(config, tasks)
   if source is None:
     source = open_data_source(config.dataset, split)
   num_batches = math.ceil(len(source) / global_batch)

@@ -138,8 +138,8 @@ def get_tasks(names, dataset: str, convention: str = 'mlore') -> dict[str, Task]
 # ------------------------------------------------------------------------------------------------
 # Rendering predictions and labels as RGB uint8 images (for TensorBoard and PNG grids).
 
-def _palette(n: int) -> np.ndarray:
-  """The PASCAL VOC colour map (bit-interleaved), extended to n entries."""
+def palette(n: int) -> np.ndarray:
+  """The PASCAL VOC colour map (bit-interleaved), extended to n entries: (n, 3) uint8."""
   pal = np.zeros((n, 3), np.uint8)
   for i in range(n):
     c, r, g, b = i, 0, 0, 0
@@ -171,7 +171,7 @@ def render(task: Task, pred: np.ndarray, *, is_label: bool = False,
   pred = np.asarray(pred)
   if task.kind == 'segmentation':
     ids = pred[..., 0].astype(np.int64) if is_label else pred.argmax(-1)
-    out = _palette(256)[np.clip(ids, 0, 255)]
+    out = palette(256)[np.clip(ids, 0, 255)]
     out[ids == IGNORE_INDEX] = 0
     return out
   if task.kind in ('saliency', 'edge'):

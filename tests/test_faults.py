@@ -257,3 +257,17 @@ def test_stale_tmp_directories_are_removed_at_start(trained, tfds_dir, tmp_path,
     train.train_and_evaluate(smoke_config(tfds_dir, total_steps=6), workdir, DEVICES)
   assert not stale.exists() and 'an unfinished save' in caplog.text
   assert os.path.isdir(workdir / 'checkpoints' / '6')
+
+
+def test_corrupt_dataset_shard_is_one_error_naming_the_file_before_the_workdir(tfds_dir,
+                                                                               tmp_path):
+  """Before: a Riegeli traceback naming no file, after compiling and the first eval, with the
+  workdir written. Now every shard is checked (its footer and record count) when it opens."""
+  data_dir = tmp_path / 'data'
+  shutil.copytree(os.path.join(tfds_dir, 'synthetic_scenes', 'tiny'),
+                  data_dir / 'synthetic_scenes' / 'tiny')
+  shard = next((data_dir / 'synthetic_scenes' / 'tiny').rglob('*-train.array_record-*'))
+  shard.write_bytes(shard.read_bytes()[:-100])
+  with pytest.raises(ConfigError, match=re.escape(str(shard)) + ': unreadable shard'):
+    train.train_and_evaluate(smoke_config(str(data_dir)), tmp_path / 'run', DEVICES)
+  assert not (tmp_path / 'run').exists()
