@@ -42,6 +42,9 @@ _JAX_DISTRIBUTED = flags.DEFINE_bool(
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'host:port of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process.')
+_HEARTBEAT_TIMEOUT = flags.DEFINE_integer(
+    'heartbeat_timeout', 100, 'Seconds without a heartbeat after which the JAX distributed '
+    'service declares a process dead and stops the others (docs/faults.md §5).')
 _ALLOW_UNIMPLEMENTED = flags.DEFINE_bool(
     'allow_unimplemented', False, 'With --config=FORK.yaml: warn about, instead of rejecting, '
     'settings of the fork that mtl_jax does not implement (docs/fork_yaml.md §3).')
@@ -97,7 +100,8 @@ def main(argv):
   logging.get_absl_handler().addFilter(_quiet_library_info)
   import jax  # pylint: disable=g-import-not-at-top
   if _JAX_DISTRIBUTED.value:
-    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                               heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
 
