@@ -235,7 +235,7 @@ class Trainer:
       return self.load_weights(state, weights)
     except ConfigError:
       raise
-    except (FileNotFoundError, ValueError, OSError) as e:  # missing, garbage, not a checkpoint
+    except Exception as e:  # pylint: disable=broad-except  (missing, garbage, not a checkpoint)
       reason = next((l for l in str(e).splitlines() if l.strip()), type(e).__name__)[:300]
       raise ConfigError(f'config.init_from={weights}: cannot be read ({reason}); give a '
                         'checkpoint directory (a workdir, its checkpoints dir or a step dir, or '

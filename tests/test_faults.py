@@ -227,8 +227,13 @@ def test_a_checkpoint_of_another_model_is_one_error_before_anything_is_written(t
     (dict(num_eval_images=0), 'num_eval_images=0 must be positive'),
     (dict(nonfinite='ignore'), "use 'stop' or 'skip'"),
     (dict(init_from='/nonexistent/ckpt'), 'init_from'),
+    (dict(init_from='GARBAGE'), 'cannot be read'),
 ])
 def test_bad_input_fails_before_the_workdir_is_written(overrides, match, tfds_dir, tmp_path):
+  if overrides.get('init_from') == 'GARBAGE':  # a directory that is not a checkpoint
+    (tmp_path / 'garbage' / 'state').mkdir(parents=True)
+    (tmp_path / 'garbage' / 'state' / '_METADATA').write_text('{not json')
+    overrides = dict(init_from=str(tmp_path / 'garbage'))
   workdir = tmp_path / 'run'
   with pytest.raises(ConfigError, match=match):
     train.train_and_evaluate(smoke_config(tfds_dir, **overrides), workdir, DEVICES)

@@ -48,6 +48,7 @@ def test_tools_give_one_error_line_for_the_probes_bad_inputs(tmp_path, capsys):
   traceback)."""
   import subprocess  # pylint: disable=g-import-not-at-top
   import sys  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
   from conftest import ROOT, launch_env  # pylint: disable=g-import-not-at-top
   from mtl_jax import ConfigError  # pylint: disable=g-import-not-at-top
   from mtl_jax.tools import convert  # pylint: disable=g-import-not-at-top
@@ -60,6 +61,13 @@ def test_tools_give_one_error_line_for_the_probes_bad_inputs(tmp_path, capsys):
     convert.run('mtlora', str(tmp_path / 'missing.pth'), str(tmp_path / 'file' / 'out'),
                 demo.get_config('smoke'))
   assert (tmp_path / 'file').read_text() == 'x'
+  # A Swin format with a ViT config (before: KeyError 'depths').
+  from test_convert import save_pth  # pylint: disable=g-import-not-at-top
+  save_pth(tmp_path / 'w.pth', {'model': {'backbone.x': np.zeros((2, 3), np.float32)}})
+  for fmt in ('mtlora', 'swin_imagenet'):
+    with pytest.raises(ConfigError):
+      convert.run(fmt, str(tmp_path / 'w.pth'), str(tmp_path / 'out'), demo.get_config('smoke'))
+  assert not (tmp_path / 'out').exists()
 
   done = subprocess.run([sys.executable, '-m', 'mtl_jax.tools.label_stats',
                          f'--config={ROOT}/configs/demo.py:smoke', '--split=unknown'],
