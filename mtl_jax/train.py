@@ -613,7 +613,7 @@ def _loop(trainer, state, latest, ckpt, writer, train_iter, eval_iter, signals):
     window.append(scalars)
     guard.add(step, scalars['nonfinite'])
     report(step)
-    stop = signals.requested(step)
+    stop = signals.requested(step) if step < total else None  # the last step ends the run anyway
     is_log = step % config.log_every_steps == 0 or step == total
     is_eval = step % config.eval_every_steps == 0 or step == total
     is_save = step % config.checkpoint_every_steps == 0 or step == total or stop
@@ -655,7 +655,6 @@ def _loop(trainer, state, latest, ckpt, writer, train_iter, eval_iter, signals):
       t0, window_start = time.perf_counter(), step
 
   if conflict_every and jax.process_index() == 0:
-    ckpt.wait()
     conflict.write_file(workdir, int(config.steps_per_epoch))
   return eval_metrics
 

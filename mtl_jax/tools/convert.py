@@ -52,6 +52,7 @@ from mtl_jax import ConfigError
 from mtl_jax import convert
 from mtl_jax.convert import adamw
 from mtl_jax.convert import keys
+from mtl_jax.tools import tool_args
 
 FORMATS = tuple(convert.FORMATS)
 OPTIMIZER_FORMATS = ('mtlora', 'promlora')  # full training checkpoints of the references
@@ -116,18 +117,6 @@ def run(fmt: str, input_path: str, output: str, config, key: str = '') -> dict[s
   return metadata
 
 
-def _parse_flags(argv):
-  """absl flag parsing with one `error:` line (instead of usage + traceback) for bad flags."""
-  try:
-    args = flags.FLAGS(argv)
-    _ = flags.FLAGS.config.model  # a config file that failed to load raises here
-    return args
-  except Exception as e:  # pylint: disable=broad-except
-    message = next((l.strip() for l in reversed(str(e).splitlines()) if l.strip()), repr(e))
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(1)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -144,7 +133,9 @@ def main(argv):
 
 def cli():
   """Entry point of the console script (pyproject.toml) and of `python -m`."""
-  app.run(main, flags_parser=_parse_flags)
+  # A config file that failed to load raises when read: one error line too.
+  app.run(main, flags_parser=lambda argv: tool_args.parse_absl_flags(
+      argv, check=lambda: flags.FLAGS.config.model))
 
 
 if __name__ == '__main__':

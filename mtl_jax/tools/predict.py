@@ -67,6 +67,7 @@ from mtl_jax import tasks as tasks_lib  # pylint: disable=g-import-not-at-top
 from mtl_jax import train  # pylint: disable=g-import-not-at-top
 from mtl_jax import transforms  # pylint: disable=g-import-not-at-top
 from mtl_jax.evaluators import predictions  # pylint: disable=g-import-not-at-top
+from mtl_jax.tools import tool_args  # pylint: disable=g-import-not-at-top
 
 IMAGE_EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.ppm', '.tif', '.tiff', '.webp')
 OVERVIEW = 'overview'
@@ -378,14 +379,8 @@ def _parse_flags(argv):
     module_flags = flags.FLAGS.module_help(sys.modules[__name__]).split('\n', 1)[-1]
     print(f'{__doc__.rstrip()}\n\nflags:\n{module_flags}')
     sys.exit(0)
-  try:
-    args = flags.FLAGS(argv)
-    _ = flags.FLAGS.config  # a config file that failed to load raises here
-    return args
-  except Exception as e:  # pylint: disable=broad-except
-    message = next((l.strip() for l in reversed(str(e).splitlines()) if l.strip()), repr(e))
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(1)
+  # A config file that failed to load raises when read.
+  return tool_args.parse_absl_flags(argv, check=lambda: flags.FLAGS.config)
 
 
 def main(argv):

@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from absl import flags
+
 
 class ToolError(ValueError):
   """Bad input: printed as one `error: ...` line, exit code 1."""
@@ -50,3 +52,18 @@ def write_atomic(path: str, data: str | bytes) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def parse_absl_flags(argv, check=None):
+  """absl flag parsing (an `app.run` flags_parser) with one `error:` line and exit code 1 for
+  bad flags instead of usage + traceback; `check()` reads values that fail lazily (e.g. a
+  config file that does not load)."""
+  try:
+    args = flags.FLAGS(argv)
+    if check:
+      check()
+    return args
+  except Exception as e:  # pylint: disable=broad-except
+    message = next((l.strip() for l in reversed(str(e).splitlines()) if l.strip()), repr(e))
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(1)
