@@ -93,3 +93,14 @@ def sigkill_after_checkpoint(args, checkpoint_dir, timeout_s=600, **popen_kwargs
   assert proc.poll() is None, 'the run finished before it could be killed'
   proc.send_signal(signal.SIGKILL)
   proc.wait()
+
+
+@pytest.fixture(autouse=True, scope='module')
+def _free_compiled_programs():
+  """Drops JAX's in-memory caches of compiled programs after each test module: the suite's one
+  process would otherwise hold every module's executables (more than 15 GB by the end)."""
+  yield
+  import gc  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.clear_caches()
+  gc.collect()
