@@ -38,7 +38,9 @@ def _step_scalars(config, devices, steps=4):
   for _ in range(steps):
     state, scalars = trainer.train_step(state, trainer.rest,
                                         sharding.global_batch(next(batches), trainer.mesh))
-    rows.append({k: float(np.asarray(v)).hex() for k, v in jax.device_get(scalars).items()})
+    scalars = jax.device_get(scalars)
+    assert scalars.pop('nonfinite') == 0  # the trainer's guard (docs/faults.md §1)
+    rows.append({k: float(np.asarray(v)).hex() for k, v in scalars.items()})
   return rows
 
 
