@@ -388,6 +388,14 @@ def _flatten(tree: dict, prefix: str) -> dict[str, np.ndarray]:
   return {f'{prefix}/{sharding.path_str(p)}': np.asarray(v) for p, v in flat}
 
 
+def _fork_log(trainer, workdir) -> fork_log.ForkLog:
+  """The fork's log_rank0.txt writer of this run (a no-op without config.fork_log)."""
+  c = trainer.config
+  return fork_log.ForkLog(workdir, c.fork_log, tasks=trainer.tasks,
+                          steps_per_epoch=c.steps_per_epoch, total_steps=c.total_steps,
+                          enabled=jax.process_index() == 0)
+
+
 def _evaluate_and_write(writer, step, trainer, state, eval_iter, log=None) -> dict[str, float]:
   start = time.perf_counter()
   metrics, images = trainer.evaluate(state, eval_iter, step)
@@ -582,9 +590,7 @@ def _loop(trainer, state, latest, ckpt, writer, train_iter, eval_iter, signals):
   if latest is not None:
     reporting.truncate_metrics(workdir, latest)
   reporting.log_parameters(state.params, state.frozen, writer, write_scalars=latest is None)
-  log = fork_log.ForkLog(workdir, config.fork_log, tasks=trainer.tasks,
-                         steps_per_epoch=config.steps_per_epoch, total_steps=config.total_steps,
-                         enabled=jax.process_index() == 0)
+  log = _fork_log(trainer, workdir)
 
   step, total = int(state.step), config.total_steps
   eval_metrics = {}
@@ -678,9 +684,7 @@ def evaluate_checkpoint(config, workdir, weights=None) -> dict[str, float]:
       config, trainer.tasks, config.dataset.eval_split, source=trainer.eval_source)
   state = trainer.init_state(trainer.workdir if step is not None else weights or config.init_from)
   writer = reporting.create_writer(trainer.workdir, jsonl=reporting.EVAL_METRICS_FILE)
-  log = fork_log.ForkLog(trainer.workdir, config.fork_log, tasks=trainer.tasks,
-                         steps_per_epoch=config.steps_per_epoch, total_steps=config.total_steps,
-                         enabled=jax.process_index() == 0)
+  log = _fork_log(trainer, trainer.workdir)
   metrics = _evaluate_and_write(writer, step or 0, trainer, state, eval_iter, log)
   writer.close()
   return metrics

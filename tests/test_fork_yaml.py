@@ -385,8 +385,6 @@ def test_fork_main_trains_from_a_backbone_pth_then_evaluates(tfds_dir, tmp_path,
   assert [epoch for epoch, _ in records] == [None, 0, 1]
   assert [m for _, m in records] == [{'semseg': round(e['eval/semseg/miou'], 4),
                                       'normals': round(e['eval/normals/mean'], 4)} for e in evals]
-  # Every checkpoint is kept, as the fork keeps every ckpt_epoch_N.pth.
-  assert sorted(int(p.name) for p in (run / 'checkpoints').iterdir()) == [3, 6]
 
   fork_main_cli('--resume', str(run), '--eval', '--tag', 'eval')
   with open(run.parent / 'eval' / reporting.EVAL_METRICS_FILE) as f:
