@@ -99,6 +99,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_library_info)
   import jax  # pylint: disable=g-import-not-at-top
+  from mtl_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  xla_cpu.set_host_memory(_CONFIG.value)  # may restart the process: before any jax computation
   if _JAX_DISTRIBUTED.value:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                                heartbeat_timeout_seconds=_HEARTBEAT_TIMEOUT.value)
@@ -107,9 +109,9 @@ def main(argv):
 
   import mtl_jax  # pylint: disable=g-import-not-at-top
   from mtl_jax import train  # pylint: disable=g-import-not-at-top
-  logging.info('JAX process %d/%d, %d local / %d global devices (%s)', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count(),
-               jax.devices()[0].platform)
+  logging.info('JAX process %d/%d, %d local / %d global devices (%s); host huge pages: %s',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.devices()[0].platform, xla_cpu.host_huge_pages())
   try:
     if _MODE.value == 'train':
       train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)

@@ -26,6 +26,7 @@ from benchmarks import train_step
 from configs import mlore_pascal
 from mtl_jax import input_pipeline
 from mtl_jax import train
+from mtl_jax import xla_cpu
 
 _VIT = flags.DEFINE_enum('vit', 'S', ['S', 'B', 'L'], 'ViT of configs/mlore_pascal.py.')
 _DATA_DIR = flags.DEFINE_string('data_dir', os.path.join(tempfile.gettempdir(), 'mtl_jax_bench'),
@@ -37,6 +38,7 @@ _LOOP = flags.DEFINE_bool('loop', True, 'Also time the per-expert loop (prints a
 def main(argv):
   del argv
   config = mlore_pascal.get_config(f'vit={_VIT.value}')
+  train_step.set_host_memory(config)
   config.batch_size = 2
   config.dataset.update(name='synthetic_scenes/tiny', data_dir=_DATA_DIR.value,
                         build_if_missing=True)
@@ -51,6 +53,7 @@ def main(argv):
     results[fused] = med
     print(f'MLoRE ViT-{_VIT.value} 512x512 batch 2 fp32 | {name}: compile {compile_s:.1f} s | '
           f'median {med * 1e3:.0f} ms/step (min {fastest * 1e3:.0f}) | {2 / med:.3f} img/s | '
+          f'huge pages {xla_cpu.host_huge_pages()} | '
           f'peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB',
           flush=True)
   if _LOOP.value:

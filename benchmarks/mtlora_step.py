@@ -30,6 +30,7 @@ from configs import mtlora_pascal
 from configs import swin_pascal
 from mtl_jax import input_pipeline
 from mtl_jax import train
+from mtl_jax import xla_cpu
 from mtl_jax.tools import params
 
 _RANK = flags.DEFINE_integer('rank', 64, 'TA-LoRA rank of configs/mtlora_pascal.py.')
@@ -42,6 +43,7 @@ _DATA_DIR = flags.DEFINE_string('data_dir', os.path.join(tempfile.gettempdir(), 
 
 def time_config(name: str, config) -> None:
   """Prints compile time, median and fastest step of `config` at --batch_size in fp32."""
+  train_step.set_host_memory(config)
   config.batch_size = _BATCH.value
   config.model.dtype = 'float32'
   config.dataset.update(name='synthetic_scenes/tiny', data_dir=_DATA_DIR.value,
@@ -54,7 +56,8 @@ def time_config(name: str, config) -> None:
   print(f'{name} 448x448 batch {_BATCH.value} fp32 ({counts["trainable"]:,} of '
         f'{counts["total"]:,} params trainable) | first step (compile) {compile_s:.1f} s | '
         f'median {med * 1e3:.0f} ms/step (min {fastest * 1e3:.0f}) | '
-        f'{_BATCH.value / med:.3f} img/s | peak RSS '
+        f'{_BATCH.value / med:.3f} img/s | huge pages '
+        f'{xla_cpu.host_huge_pages()} | peak RSS '
         f'{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB', flush=True)
 
 

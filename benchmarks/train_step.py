@@ -24,10 +24,21 @@ import numpy as np
 from mtl_jax import input_pipeline
 from mtl_jax import sharding
 from mtl_jax import train
+from mtl_jax import xla_cpu
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'configs/demo.py', 'Config file.')
 _STEPS = flags.DEFINE_integer('steps', 20, 'Timed steps (after one warm-up step).')
 _INPUT_ONLY = flags.DEFINE_bool('input_only', False, 'Time the host input pipeline instead.')
+_HUGE_PAGES = flags.DEFINE_bool('host_huge_pages', None,
+                                'Overrides config.host_huge_pages (docs/stack.md §13).')
+
+
+def set_host_memory(config) -> None:
+  """--host_huge_pages into `config`, then applied (may restart the process; before any jax
+  computation)."""
+  if _HUGE_PAGES.value is not None:
+    config.host_huge_pages = _HUGE_PAGES.value
+  xla_cpu.set_host_memory(config)
 
 
 def time_train_step(trainer, local_batch, steps: int) -> tuple[float, float, float]:
@@ -50,6 +61,7 @@ def time_train_step(trainer, local_batch, steps: int) -> tuple[float, float, flo
 def main(argv):
   del argv
   config = _CONFIG.value
+  set_host_memory(config)
   trainer = train.Trainer(config, '/tmp/unused_workdir')
   it = input_pipeline.make_train_iterator(config, trainer.tasks, source=trainer.train_source)
   if _INPUT_ONLY.value:

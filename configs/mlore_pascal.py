@@ -33,9 +33,9 @@ changes the recipe); `--config.model.dtype=bfloat16` speeds up accelerators (the
 `repara`: eval with the re-parameterised MoE (§3.4; same outputs, other FLOPs).
 
 Runtime: unmeasured on accelerators. On the 2-core CPU one fp32 ViT-S train step of batch 2 at
-512x512 takes 13.3 s after a ~75 s compile (2026-12-03, benchmarks/mlore_step.py; the official
-code 13.4 s side by side, benchmarks/RESULTS.md); the full recipe is GPU/TPU work (the reference
-trains on 2 GPUs).
+512x512 takes 12.5-13.5 s with `host_huge_pages` (2026-12-06, benchmarks/mlore_step.py; the
+official code 14.0-15.0 s side by side, benchmarks/RESULTS.md); the full recipe is GPU/TPU
+work (the reference trains on 2 GPUs).
 
 Expected (the reference README, §5; semseg mIoU / human_parts mIoU / sal maxF / normals mean deg
 / edge odsF): ViT-L 81.41 / 70.52 / 84.90 / 13.51 / 75.42; ViT-B 79.26 / 67.82 / 85.31 / 13.65 /
@@ -107,6 +107,7 @@ def experiment(arg, *, dataset: str, tasks: str, crop_size: tuple[int, int],
   c.optimizer.update(name='adam', learning_rate=learning_rate, b1=0.9, b2=0.999, eps=1e-8,
                      weight_decay=1e-6, grad_clip_norm=10.0, decay_1d=True, no_decay=())
   c.schedule.update(name='poly', power=0.9, warmup_steps=0, warmup_lr=0.0, min_lr=0.0)
+  c.host_huge_pages = not arg.smoke  # configs/common.py
   if arg.vit == 'L':  # FSDP: parameters and Adam moments split over the data axis (README)
     c.param_sharding = (('.*', 'fsdp:data'),)
   return c

@@ -51,8 +51,9 @@ mtl_jax/tools/convert.py, docs/mtlora.md §7); LoRA B = 0 then makes the model s
 the pretrained backbone.
 
 Runtime: unmeasured on accelerators. On the 2-core CPU one fp32 train step of batch 2 takes
-4.2 s after a ~55 s compile (2026-12-03, benchmarks/mtlora_step.py; the official PyTorch code
-4.8-4.9 s side by side, benchmarks/RESULTS.md); the full recipe is GPU/TPU work.
+3.5 s with `host_huge_pages` after a ~55 s compile (2026-12-06, benchmarks/mtlora_step.py; the
+official PyTorch code 5.3-5.5 s side by side, benchmarks/RESULTS.md); the full recipe is GPU/TPU
+work.
 
 Expected (docs/datasets_metrics.md §5.3, paper, MTLoRA r=64): semseg mIoU 67.90, human_parts
 mIoU 59.84, saliency mIoU 65.40, normals mean 16.60 deg, Δm +2.55% (community reproduction:
@@ -130,6 +131,7 @@ def experiment(arg, *, model: str, dataset: str):
   c.schedule.warmup_steps = steps_per_epoch * 20
   c.schedule.warmup_lr = batch.to_float() * (5e-7 / 512)
   c.schedule.min_lr = batch.to_float() * (5e-6 / 512)
+  c.host_huge_pages = not arg.smoke  # configs/common.py
 
   if arg.smoke:
     shrink(c)

@@ -35,10 +35,9 @@ Recipe: that of configs/mtlora_pascal.py (AdamW wd 0.05 with prompts and LoRA ma
 and steps; the fork's `--batch-size` is per GPU).
 
 Runtime: the backbone runs once per task (4 passes over a (tasks x batch) stack); on the 2-core
-CPU one fp32 train step of batch 2 takes 12.7-12.9 s (2026-12-03; compile ~70 s on 2026-12-02,
-benchmarks/promlora_step.py; the fork's PyTorch model: 17.1-17.6 s side by side,
-benchmarks/RESULTS.md); the
-full recipe is GPU/TPU work. `smoke`: 3 train steps in about 40 s.
+CPU one fp32 train step of batch 2 takes 10.3-11.0 s with `host_huge_pages` (2026-12-06;
+compile ~70 s; benchmarks/promlora_step.py; the fork's PyTorch model: 16.7-18.6 s side by side,
+benchmarks/RESULTS.md); the full recipe is GPU/TPU work. `smoke`: 3 train steps in about 40 s.
 
 Expected: no published ProMLoRA numbers; the user's notes give none for these yamls.
 

@@ -345,6 +345,51 @@ def test_unrolled_threefry_gives_the_same_random_bits():
           == default)
 
 
+_FAULTS = """
+import resource, sys
+import jax, jax.numpy as jnp, ml_collections
+from mtl_jax import xla_cpu
+if sys.argv[1] == 'late':
+  jnp.ones(1).block_until_ready()  # jax's backends start first
+xla_cpu.set_host_memory(ml_collections.ConfigDict(dict(host_huge_pages=sys.argv[2] == 'on')))
+# g: a 156 MiB buffer (used twice, so not fused away), freed at the end of each call.
+f = jax.jit(lambda x, w: (lambda g: (g @ w).sum() + g.sum())(jnp.tanh(x) * x + 2))
+x, w = jnp.ones((40000, 1024)), jnp.ones((1024, 4))
+for _ in range(2):
+  f(x, w).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+f(x, w).block_until_ready()
+print(xla_cpu.host_huge_pages(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists('/sys/kernel/mm/transparent_hugepage/enabled') or
+                    '[never]' in open('/sys/kernel/mm/transparent_hugepage/enabled').read(),
+                    reason='no transparent huge pages on this kernel')
+def test_host_huge_pages_cut_the_page_faults_of_a_step():
+  """config.host_huge_pages restarts the process with glibc's hugetlb tunable (mtl_jax/xla_cpu.py):
+  a step's large buffer, unmapped after each call, comes back in 2 MiB pages, not 4 KiB ones;
+  set after jax's backends started, it changes nothing and says so (docs/stack.md §13)."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+
+  def run(when, mode):
+    env = dict(os.environ, JAX_PLATFORMS='cpu')
+    env.pop('XLA_FLAGS', None)
+    env.pop('GLIBC_TUNABLES', None)
+    p = subprocess.run([sys.executable, '-c', _FAULTS, when, mode], capture_output=True,
+                       text=True, check=True, env=env)
+    huge, faults = p.stdout.split()
+    return huge == 'True', int(faults), p.stderr
+
+  huge, faults_default, _ = run('first', 'off')
+  assert not huge and faults_default > 39000, faults_default  # 156 MiB = 40,000 pages of 4 KiB
+  huge, faults, _ = run('first', 'on')
+  assert huge and faults < faults_default / 8, (faults, faults_default)
+  huge, faults, stderr = run('late', 'on')
+  assert not huge and faults > 39000 and 'jax backends already started' in stderr
+
+
 @pytest.mark.parametrize('shape', [(7, 5), (2, 3, 7, 5), (2, 9, 5)])
 def test_matmul_and_linear_equal_the_plain_dot(shape):
   """layers.matmul / layers.linear merge the leading axes: the same products and sums as x @ w,
