@@ -104,3 +104,15 @@ def _free_compiled_programs():
   import jax  # pylint: disable=g-import-not-at-top
   jax.clear_caches()
   gc.collect()
+
+# The files that take longest first (longest-processing-time order), so that `--dist loadfile`
+# hands them out while both workers are busy and the two finish together instead of one running
+# test_train.py / test_two_stage.py alone at the end (durations: `pytest --durations=40`).
+_LONGEST_FIRST = ('test_methods.py', 'test_mlore_configs.py', 'test_train.py', 'test_faults.py',
+                  'test_meta_learning.py', 'test_two_stage.py', 'test_promlora.py',
+                  'test_perf.py', 'test_multiprocess.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
