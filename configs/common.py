@@ -53,8 +53,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.nonfinite = 'stop'
   c.nonfinite_max_skips = 10
   # True: glibc maps XLA:CPU's large buffers with transparent huge pages (CPU-only hosts; the
-  # process restarts once with GLIBC_TUNABLES set; docs/stack.md §13): 512x fewer page faults,
-  # ~19 % faster ProMLoRA-T steps at 448² on 2 cores. The full-size Swin and MLoRE recipes set it.
+  # process restarts once with GLIBC_TUNABLES set; docs/stack.md §13): far fewer page faults,
+  # faster large CPU steps (benchmarks/RESULTS.md). The full-size Swin and MLoRE recipes set it.
   c.host_huge_pages = False
   c.keep_checkpoints = 2  # the latest N checkpoints are kept (N >= 1) ...
   c.keep_period = 0  # ... and every one whose step is a multiple of this (0: none; 1: all)

@@ -18,7 +18,7 @@ requirements.txt); if that moves, it logs a warning and leaves the default.
 each step page-faults (and the kernel zeroes) every large activation again, 4 KiB at a time:
 about 2 M faults per ProMLoRA-T step at 448² on the project's 2-core CPU. With
 `config.host_huge_pages` glibc asks for transparent huge pages on those mappings
-(`glibc.malloc.hugetlb=1`), 512x fewer faults: 13.2 -> 10.3-11.0 s per step there. glibc reads its
+(`glibc.malloc.hugetlb=1`), 2 MiB per fault (benchmarks/RESULTS.md). glibc reads its
 tunables only at process start, so launch.py and the benchmarks call `set_host_memory` first
 and it re-executes the process once with GLIBC_TUNABLES set, on CPU-only hosts (docs/stack.md §13).
 """

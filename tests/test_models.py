@@ -363,9 +363,15 @@ print(xla_cpu.host_huge_pages(), resource.getrusage(resource.RUSAGE_SELF).ru_min
 """
 
 
-@pytest.mark.skipif(not os.path.exists('/sys/kernel/mm/transparent_hugepage/enabled') or
-                    '[never]' in open('/sys/kernel/mm/transparent_hugepage/enabled').read(),
-                    reason='no transparent huge pages on this kernel')
+def _thp_available() -> bool:
+  try:
+    with open('/sys/kernel/mm/transparent_hugepage/enabled') as f:
+      return '[never]' not in f.read()
+  except OSError:
+    return False
+
+
+@pytest.mark.skipif(not _thp_available(), reason='no transparent huge pages on this kernel')
 def test_host_huge_pages_cut_the_page_faults_of_a_step():
   """config.host_huge_pages restarts the process with glibc's hugetlb tunable (mtl_jax/xla_cpu.py):
   a step's large buffer, unmapped after each call, comes back in 2 MiB pages, not 4 KiB ones;
