@@ -66,7 +66,8 @@ def test_conflict_ratio_equals_a_loop_of_backward_passes(tfds_dir, tmp_path):
   for task, want in zip(TASKS, want_ratios):
     np.testing.assert_allclose(got[f'conflict/ratio/{task}'], want, rtol=1e-5, atol=1e-7)
   cos = flat[0] @ flat[2] / np.linalg.norm(flat[0]) / np.linalg.norm(flat[2])
-  np.testing.assert_allclose(got['conflict/cos/semseg_depth'], cos, rtol=1e-5, atol=1e-7)
+  # A cosine near 0 from float32 dot products: float32 rounding, ~1e-6 absolute.
+  np.testing.assert_allclose(got['conflict/cos/semseg_depth'], cos, rtol=1e-5, atol=3e-6)
   assert 0 < want_cr < 1
 
 

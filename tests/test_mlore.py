@@ -205,8 +205,18 @@ def test_fused_experts_equal_per_expert_loop():
     y = (y + experts.down_bias[sl]) @ up[sl] + experts.up_bias[i]
     want += np.asarray(gates)[:, i, None, None, None] * np.asarray(y)
   np.testing.assert_allclose(fused, want, atol=1e-5, rtol=1e-5)
-  experts.fused = False
-  np.testing.assert_allclose(experts(x, gates), want, atol=1e-5, rtol=1e-5)
+  # Both fused forms (factorised; dense kernel per sample) and their gradients are the loop's.
+  assert experts._dense_is_cheaper(5 * 4)  # pylint: disable=protected-access
+  assert not mlore.LowRankExperts(192, (32,), rngs=nnx.Rngs(0))._dense_is_cheaper(1024)
+  loss = lambda e, x, g: jnp.sum(jnp.sin(e(x, g)))
+  grads = {}
+  for mode in (True, False, 'loop'):
+    experts.fused, experts.dense_mixture = mode != 'loop', mode if mode != 'loop' else None
+    np.testing.assert_allclose(experts(x, gates), want, atol=1e-5, rtol=1e-5)
+    grads[mode] = jax.tree.leaves(nnx.grad(loss, argnums=(0, 1, 2))(experts, x, gates))
+  for mode in (True, False):
+    for got, ref in zip(grads[mode], grads['loop']):
+      np.testing.assert_allclose(got, ref, atol=1e-4, rtol=1e-4)
   kernel, bias = experts.dense(gates)  # §3.4: the mixture as one dense 3x3 conv per sample
   dense = jnp.stack([jax.lax.conv_general_dilated(
       x[b:b + 1], kernel[b], (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'))[0]

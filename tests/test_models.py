@@ -314,10 +314,47 @@ def test_fuse_decoder_and_conv_head():
   feats = [jnp.ones((2, 3, 5, 4)), jnp.ones((2, 3, 5, 4)), jnp.ones((2, 3, 5, 6))]
   out, aux = decoder(feats)
   assert aux == {} and list(out) == ['a', 'b'] and out['a'] is out['b']
-  assert out['a'].shape == (2, 12, 20, 5)
+  assert out['a'].shape == (2, 3, 5, 5) and decoder.head_upsample == 4  # the heads upsample
   head = multitask.ConvHead(5, 3, rngs=rngs)
-  assert head(out['a']).shape == (2, 12, 20, 3)
+  assert head(out['a'], upsample=4).shape == (2, 12, 20, 3)
   assert head.conv.kernel.shape == (3, 3, 5, 5) and head.linear_pred.kernel.shape == (1, 1, 5, 3)
+
+
+@pytest.mark.parametrize('kernel_size,factor,size', [(3, 4, (5, 7)), (3, 2, (1, 4)), (5, 3, (4, 3)),
+                                                     (1, 4, (3, 3)), (3, 1, (4, 4))])
+def test_conv_of_upsampled_is_the_conv_of_the_resized_map(kernel_size, factor, size):
+  """layers.conv_of_upsampled (the heads' x4 upsampling + 3x3 conv at the low resolution) equals
+  resize_bilinear then a 'same' conv: borders (clamped resampling, zero padding) included."""
+  x = jax.random.normal(jax.random.key(0), (2, *size, 6))
+  kernel = jax.random.normal(jax.random.key(1), (kernel_size, kernel_size, 6, 4))
+  pad = kernel_size // 2
+  want = jax.lax.conv_general_dilated(
+      layers.resize_bilinear(x, (factor * size[0], factor * size[1])), kernel, (1, 1),
+      [(pad, pad)] * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+      precision=jax.lax.Precision.HIGHEST)
+  got = layers.conv_of_upsampled(x, kernel, factor)
+  assert got.shape == want.shape
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_conv_head_upsample_equals_head_of_the_resized_map_with_gradients():
+  """ConvHead(x, upsample=4) is ConvHead(resize_bilinear(x)): outputs and every gradient (the
+  MLoRE / ViT-baseline heads, models/multitask.py)."""
+  head = multitask.ConvHead(8, 3, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(2), (2, 6, 5, 8))
+
+  def loss(head, x, lazy):
+    out = head(x, upsample=4) if lazy else head(layers.resize_bilinear(x, (24, 20)))
+    return jnp.sum(jnp.sin(out)), out
+
+  (_, got), grads_got = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(head, x, True)
+  (_, want), grads_want = nnx.value_and_grad(loss, argnums=(0, 1), has_aux=True)(head, x, False)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  leaves_got, leaves_want = jax.tree.leaves(grads_got), jax.tree.leaves(grads_want)
+  assert len(leaves_got) == len(leaves_want) == 7
+  scale = max(float(jnp.abs(w).max()) for w in leaves_want)
+  for g, w in zip(leaves_got, leaves_want):  # (the conv bias before BatchNorm: ~0 gradient)
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * scale)
 
 
 def test_unrolled_threefry_gives_the_same_random_bits():

@@ -163,12 +163,18 @@ def conv_general(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilat
   return _conv_fallback(*args)
 
 
+def im2col(x: jax.Array, kh: int, kw: int, padding) -> jax.Array:
+  """(N, H, W, C) -> the (N, h, w, kh * kw * C) patches of a stride-1 conv with `padding`
+  ((top, bottom), (left, right)), taps in HWI order: `patches @ kernel.reshape(-1, O)` is the
+  conv with the HWIO kernel."""
+  x = jnp.pad(x, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
+  h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
+  return jnp.concatenate([x[:, i:i + h, j:j + w] for i in range(kh) for j in range(kw)], axis=-1)
+
+
 def _im2col(lhs, rhs, padding, **kwargs) -> jax.Array:
   kh, kw, _, out_ch = rhs.shape
-  x = jnp.pad(lhs, ((0, 0), tuple(padding[0]), tuple(padding[1]), (0, 0)))
-  h, w = x.shape[1] - kh + 1, x.shape[2] - kw + 1
-  cols = jnp.concatenate([x[:, i:i + h, j:j + w] for i in range(kh) for j in range(kw)], axis=-1)
-  return matmul(cols, rhs.reshape(-1, out_ch), **kwargs)
+  return matmul(im2col(lhs, kh, kw, padding), rhs.reshape(-1, out_ch), **kwargs)
 
 
 def conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -286,3 +292,41 @@ def resize_bilinear(x: jax.Array, size: tuple[int, int]) -> jax.Array:
   hi = jax.lax.Precision.HIGHEST
   x = jnp.einsum('bhwc,Hh->bHwc', x, mh, precision=hi)
   return jnp.einsum('bhwc,Ww->bhWc', x, mw, precision=hi)
+
+
+def _shifted_bilinear(in_size: int, factor: int, taps: int) -> np.ndarray:
+  """(taps, factor * in_size, in_size): row Y of slice i is the bilinear row that a 'same' conv
+  tap i reads for output Y (upsampled row Y + i - taps // 2), zero where that row is padding."""
+  out_size = factor * in_size
+  matrix = _bilinear_matrix(in_size, out_size)
+  shifted = np.zeros((taps, out_size, in_size), np.float32)
+  for i in range(taps):
+    lo, hi = max(0, taps // 2 - i), min(out_size, out_size + taps // 2 - i)
+    shifted[i, lo:hi] = matrix[lo + i - taps // 2:hi + i - taps // 2]
+  return shifted
+
+
+def conv_of_upsampled(x: jax.Array, kernel: jax.Array, factor: int) -> jax.Array:
+  """A stride-1 'same' conv (HWIO `kernel`, odd size, no bias) of `resize_bilinear(x, factor x)`,
+  without the upsampled map: (B, h, w, C) -> (B, factor h, factor w, O).
+
+  Bilinear resampling acts on the spatial axes, the kernel's channel contraction on the channel
+  axis, so they commute: conv(up(x))[Y, X] = sum_ij A_i[Y, :] (x @ K_ij) A_j[X, :]^T, with A_i
+  the bilinear matrix shifted by tap i (`_shifted_bilinear`, zero rows for the conv's padding).
+  The kh * kw channel contractions run at the low resolution (factor² fewer products: 16x for
+  MLoRE's x4 heads), the resampling as two matmuls over (tap, position) (docs/stack.md §14).
+  The same function as the conv of the resized map, summed in another order.
+  """
+  kh, kw, cin, out_ch = kernel.shape
+  b, h, w, _ = x.shape
+  hi = jax.lax.Precision.HIGHEST
+  a_h = jnp.asarray(_shifted_bilinear(h, factor, kh), x.dtype)  # (kh, H, h)
+  a_w = jnp.asarray(_shifted_bilinear(w, factor, kw), x.dtype)  # (kw, W, w)
+  z = matmul(x, kernel.transpose(2, 0, 1, 3).reshape(cin, kh * kw * out_ch))
+  z = z.reshape(b, h, w, kh, kw, out_ch)
+  # Columns: contract (tap j, column w) -> X; then rows: contract (tap i, row h) -> Y.
+  z = z.transpose(0, 1, 3, 5, 4, 2).reshape(b * h * kh * out_ch, kw * w)
+  z = jnp.dot(z, a_w.transpose(0, 2, 1).reshape(kw * w, -1), precision=hi)
+  z = z.reshape(b, h, kh, out_ch, factor * w).transpose(0, 4, 3, 2, 1)  # (b, X, O, i, h)
+  z = jnp.dot(z.reshape(-1, kh * h), a_h.transpose(0, 2, 1).reshape(kh * h, -1), precision=hi)
+  return z.reshape(b, factor * w, out_ch, factor * h).transpose(0, 3, 1, 2)

@@ -4,9 +4,10 @@ Model (`build_decoder`, assembled in models/__init__.py): `MultiTaskModel(vit.Vi
 {task: ConvHead})`. The ViT gives 3 taps + the final normed map (§2); per stage s a shared
 1x1 conv `fea_fuse[s]` (D -> C), then per task two independent MoE blocks `mlore_1[s]`,
 `mlore_2[s]` (§3.2); per task a stage fusion `task_mask[t]` (softmax over 4 stages per pixel,
-§3.1 step 4), x4 bilinear; the heads run at 1/4 resolution and
-`MultiTaskModel` resizes their logits to the input. aux = {'gates': [8 gate sets]}, each
-{task: (B, E)}: MoE 1 stages 0-3, then MoE 2 stages 0-3 (L_cv of §4, mtl_jax/losses.py).
+§3.1 step 4), x4 bilinear (applied inside the heads, `head_upsample`); the heads run at 1/4
+resolution and `MultiTaskModel` resizes their logits to the input. aux = {'gates': [8 gate
+sets]}, each {task: (B, E)}: MoE 1 stages 0-3, then MoE 2 stages 0-3 (L_cv of §4,
+mtl_jax/losses.py).
 
 MoE block, input X, task t (§3.2): U = conv1[t](X); router[t](U) -> [E gate logits | E noise
 scales | mix]; training adds N(0, 1) * noise scale to the logits (RNG stream 'router'); top-k:
@@ -68,8 +69,11 @@ class LowRankExperts(nnx.Module):
 
   `fused=True` (config.model.mlore.fused) computes sum_i g_i Expert_i(x) as one conv C -> R, a
   per-sample scaling of each expert's r_i channels by g_i, one matmul R -> C and the bias sum_i g_i
-  b_up_i; `fused=False` loops over the experts as the reference does (tests and
-  benchmarks/mlore_step.py). Both are equal up to summation order. `matmul` computes the 3x3 conv as
+  b_up_i; or, where that takes fewer products (R large against C: ViT-S's 540 vs 192), as the
+  mixture's dense 3x3 C -> C kernel per sample (`dense`, the §3.4 re-parameterisation without
+  BatchNorm, so also in training) applied as patches @ kernel. `fused=False` loops over the
+  experts as the reference does (tests and benchmarks/mlore_step.py). All are equal up to
+  summation order. `matmul` computes the 3x3 conv as
   patches @ kernel (the task LoRA, whose kernels differ per task under the task vmap of `MoEBlock`).
   """
 
@@ -78,6 +82,7 @@ class LowRankExperts(nnx.Module):
     self.ranks = tuple(int(r) for r in ranks)
     self.matmul = matmul
     self.fused = fused
+    self.dense_mixture = None  # fused: dense per-sample kernels (True) or not; None: fewer products
     self.dtype = dtype
     total = sum(self.ranks)
     self.down_kernel = nnx.Param(
@@ -107,20 +112,40 @@ class LowRankExperts(nnx.Module):
         y = layers.matmul(y, up[sl]) + up_bias[i].astype(self.dtype)
         out = out + gates[:, i, None, None, None] * y
       return out
+    dense = self.dense_mixture
+    if dense if dense is not None else self._dense_is_cheaper(x.shape[1] * x.shape[2]):
+      kernel, bias = self.dense(gates, self.dtype)
+      b, h, w, c = x.shape
+      patches = layers.im2col(x, 3, 3, [(1, 1)] * 2).reshape(b, h * w, -1)
+      y = jnp.einsum('bpk,bkc->bpc', patches, kernel.reshape(b, -1, c)).reshape(b, h, w, c)
+      return y + bias[:, None, None]
     y = _conv2d(x, down, self.matmul) + down_bias.astype(self.dtype)
     y = y * self._rank_scale(gates)[:, None, None]
     return layers.matmul(y, up) + (gates @ up_bias.astype(self.dtype))[:, None, None]
 
-  def dense(self, gates: jax.Array) -> tuple[jax.Array, jax.Array]:
+  def _dense_is_cheaper(self, positions: int) -> bool:
+    """Whether the mixture as one dense 3x3 conv per sample (`dense`) takes fewer products on
+    `positions` pixels than the factorised C -> R -> C convs: 9 C² + 9 C² R / positions (the
+    kernel) < 9 C R + R C per pixel (MLoRE ViT-S: C 192, R 540, 32²: 0.51 M vs 1.04 M)."""
+    _, _, c, total = self.down_kernel.shape
+    return 9 * c * c * (1 + total / positions) < 10 * c * total
+
+  def dense(self, gates: jax.Array, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
     """The gated mixture as one dense 3x3 conv per sample: kernels (B, 3, 3, C, C), biases (B, C).
 
     K[b, ..., o] = sum_r down[..., r] * g_b(r) * up[r, o] (the torch `virt_conv` of every expert,
-    mixed); bias = (g_b(r) * b_down) @ up + g_b @ b_up (§3.4).
+    mixed); bias = (g_b(r) * b_down) @ up + g_b @ b_up (§3.4). Computed in `dtype`; the gates
+    scale `up`, so all samples' kernels are one (9 C, R) @ (R, B C) matmul.
     """
-    scale = self._rank_scale(gates.astype(jnp.float32))
-    up = self.up_kernel[...]
-    kernel = jnp.einsum('yxir,br,ro->byxio', self.down_kernel[...], scale, up)
-    bias = (scale * self.down_bias[...]) @ up + gates @ self.up_bias[...]
+    kh, kw, c, total = self.down_kernel.shape
+    gates = gates.astype(dtype)
+    scale = self._rank_scale(gates)
+    down = self.down_kernel[...].astype(dtype).reshape(kh * kw * c, total)
+    scaled_up = scale[:, :, None] * self.up_kernel[...].astype(dtype)  # (B, R, C)
+    kernel = layers.matmul(down, scaled_up.transpose(1, 0, 2).reshape(total, -1))
+    kernel = kernel.reshape(kh, kw, c, -1, c).transpose(3, 0, 1, 2, 4)
+    bias = (jnp.einsum('r,brc->bc', self.down_bias[...].astype(dtype), scaled_up)
+            + gates @ self.up_bias[...].astype(dtype))
     return kernel, bias
 
 
@@ -288,8 +313,10 @@ class StageFusion(nnx.Module):
 
 
 class MLoRE(nnx.Module):
-  """The MLoRE decoder (§3.1): 4 backbone maps -> ({task: (B, 4h, 4w, C)}, {'gates': [8 gate
-  sets]}), (h, w) the grid of the first map.
+  """The MLoRE decoder (§3.1): 4 backbone maps -> ({task: (B, h, w, C)}, {'gates': [8 gate
+  sets]}), (h, w) the grid of the first map. The maps are returned before the x4 bilinear
+  upsampling, which the heads apply (`head_upsample`, models/multitask.py: the heads' 3x3 convs
+  then run their channel products at (h, w), 16x fewer).
 
   `in_channels` / `grids`: the 4 stages' channels and grids (the backbone contract,
   models/backbone.py). The ViT's 4 maps share one grid, as in the reference; on a backbone with
@@ -312,6 +339,7 @@ class MLoRE(nnx.Module):
       raise ConfigError(f'config.model.mlore.topk={topk} must be in [1, {len(rank_list)}] '
                         f'(the number of experts, len(rank_list))')
     self.tasks = tuple(tasks)
+    self.head_upsample = 4  # the x4 bilinear of §3.1 step 4, applied by the heads
     block = lambda grid: MoEBlock(channels, tuple(grid), len(self.tasks), rank_list, spe_rank,
                                   topk, pre_softmax, repara=repara, fused=fused, dtype=dtype,
                                   rngs=rngs)
@@ -352,10 +380,11 @@ class MLoRE(nnx.Module):
                        for y in stage_maps[t]]
       logits = self.task_mask[t](jnp.concatenate(stage_maps[t], axis=-1))
       weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(logits.dtype)
-      fused = sum(weights[..., s, None] * y for s, y in enumerate(stage_maps[t]))
-      b, h, w, _ = fused.shape
-      maps[t] = layers.resize_bilinear(fused, (4 * h, 4 * w))
-      inter[f'stage_logits/{t}'], inter[f'dec/{t}'] = logits, maps[t]
+      maps[t] = sum(weights[..., s, None] * y for s, y in enumerate(stage_maps[t]))
+      h, w = size
+      inter[f'stage_logits/{t}'] = logits
+      inter[f'dec/{t}'] = layers.resize_bilinear(maps[t], (self.head_upsample * h,
+                                                           self.head_upsample * w))
     return maps, {'gates': gates_1 + gates_2}, inter
 
 

@@ -6,6 +6,11 @@ Every model of mtl_jax is a `MultiTaskModel`:
   decoder(features)     -> ({task: feature map}, aux)
   heads[task](map)      -> logits, bilinearly resized to the input size (docs/mlore.md §3.3)
 
+A decoder whose maps end in a bilinear x s upsampling (MLoRE's x4, FuseDecoder's `upsample`) may
+return them before it and set `head_upsample = s`: the model then calls `head(map, upsample=s)`,
+which equals `head(resize_bilinear(map, s x))` and need not build the upsampled map
+(`ConvHead`, layers.conv_of_upsampled).
+
 `aux` carries extras for the losses (MLoRE puts its router gates there). `FuseDecoder` is the
 decoder of the "ViT multi-task baseline": one map shared by all tasks.
 """
@@ -34,26 +39,32 @@ class ConvHead(nnx.Module):
                                    bias_init=jax.nn.initializers.normal(0.02), dtype=dtype,
                                    rngs=rngs)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.linear_pred(layers.gelu(self.bn(self.conv(x))))
+  def __call__(self, x: jax.Array, upsample: int = 1) -> jax.Array:
+    """x (B, h, w, C) -> logits (B, s h, s w, K) of the map upsampled x s (bilinear) first."""
+    if upsample == 1:
+      y = self.conv(x)
+    else:  # conv(resize(x)) with the conv's channel products at the low resolution
+      conv = self.conv
+      y = layers.conv_of_upsampled(x.astype(conv.dtype), conv.kernel[...].astype(conv.dtype),
+                                   upsample) + conv.bias[...].astype(conv.dtype)
+    return self.linear_pred(layers.gelu(self.bn(y)))
 
 
 class FuseDecoder(nnx.Module):
   """ViT multi-task baseline decoder: concat taps -> 1x1 conv to C -> x`upsample` bilinear.
 
-  The same (B, upsample * h, upsample * w, C) map goes to every task; aux is empty.
+  The same map goes to every task, returned before the upsampling (`head_upsample`, the
+  heads apply it); aux is empty.
   """
 
   def __init__(self, in_channels: Sequence[int], channels: int, tasks: Sequence[str],
                upsample: int = 1, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.tasks = tuple(tasks)
-    self.upsample = upsample
+    self.head_upsample = upsample
     self.fuse = layers.conv(sum(in_channels), channels, 1, dtype=dtype, rngs=rngs)
 
   def __call__(self, features: Sequence[jax.Array]) -> tuple[dict[str, jax.Array], dict]:
     x = self.fuse(jnp.concatenate(features, axis=-1))
-    if self.upsample != 1:
-      x = layers.resize_bilinear(x, (x.shape[1] * self.upsample, x.shape[2] * self.upsample))
     return {task: x for task in self.tasks}, {}
 
 
@@ -85,8 +96,10 @@ class MultiTaskModel(nnx.Module):
   def __call__(self, images: jax.Array) -> tuple[dict[str, jax.Array], dict]:
     size = images.shape[1:3]
     task_features, aux = self.decoder(self.backbone(images))
+    upsample = getattr(self.decoder, 'head_upsample', 1)
     preds = {}
     for task, head in self.heads.items():
-      logits = head(task_features[task]).astype(jnp.float32)
+      x = task_features[task]
+      logits = (head(x) if upsample == 1 else head(x, upsample=upsample)).astype(jnp.float32)
       preds[task] = layers.resize_bilinear(logits, size)
     return preds, aux
