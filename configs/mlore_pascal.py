@@ -33,9 +33,9 @@ changes the recipe); `--config.model.dtype=bfloat16` speeds up accelerators (the
 `repara`: eval with the re-parameterised MoE (§3.4; same outputs, other FLOPs).
 
 Runtime: unmeasured on accelerators. On the 2-core CPU one fp32 ViT-S train step of batch 2 at
-512x512 takes 12.5-13.5 s with `host_huge_pages` (2026-12-06, benchmarks/mlore_step.py; the
-official code 14.0-15.0 s side by side, benchmarks/RESULTS.md); the full recipe is GPU/TPU
-work (the reference trains on 2 GPUs).
+512x512 takes 8.8-9.0 s with `host_huge_pages` (2026-12-07, benchmarks/mlore_step.py; the
+official code 13.7-14.4 s side by side, 1.58x, benchmarks/RESULTS.md); the full recipe is
+GPU/TPU work (the reference trains on 2 GPUs).
 
 Expected (the reference README, §5; semseg mIoU / human_parts mIoU / sal maxF / normals mean deg
 / edge odsF): ViT-L 81.41 / 70.52 / 84.90 / 13.51 / 75.42; ViT-B 79.26 / 67.82 / 85.31 / 13.65 /
