@@ -112,8 +112,9 @@ def test_unknown_remat_policy_is_a_config_error():
 # -- the ViT's attention -----------------------------------------------------------------------
 
 def test_vit_attention_is_the_literal_softmax_attention():
-  """jax.nn.dot_product_attention (cuDNN's fused kernel on GPU) computes softmax(q k^T / sqrt(d))
-  v of the qkv split (docs/mlore.md §2)."""
+  """The ViT's attention (jax.nn.dot_product_attention on accelerators: cuDNN's fused kernel on
+  GPU; its CPU form here) computes softmax(q k^T / sqrt(d)) v of the qkv split (docs/mlore.md
+  §2)."""
   attn = vit.Attention(24, 3, dtype=jnp.float32, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 10, 24))
   qkv = attn.qkv(x).reshape(2, 10, 3, 3, 8)
@@ -121,6 +122,34 @@ def test_vit_attention_is_the_literal_softmax_attention():
   p = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(8), axis=-1)
   want = attn.proj((p @ v).transpose(0, 2, 1, 3).reshape(2, 10, 24))
   np.testing.assert_allclose(attn(x), want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('head_dim', [64, 24])
+def test_cpu_attention_equals_jax_dot_product_attention_with_gradients(head_dim):
+  """vit.dot_product_attention's CPU form (scale on q, max held constant, normalisation after
+  the value product) is jax.nn.dot_product_attention: outputs and gradients, large logits
+  (the max shift matters) and a scale that is not a power of two (head_dim 24)."""
+  ks = jax.random.split(jax.random.key(3), 4)
+  q, k, v, cotangent = (jax.random.normal(key, (2, 40, 3, head_dim)) * 4 for key in ks)
+
+  def loss(attention, q, k, v):
+    return jnp.sum(attention(q, k, v) * cotangent)
+
+  got, grads = jax.value_and_grad(loss, argnums=(1, 2, 3))(vit.dot_product_attention, q, k, v)
+  want, grads_want = jax.value_and_grad(loss, argnums=(1, 2, 3))(jax.nn.dot_product_attention,
+                                                                 q, k, v)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+  for g, w in zip(grads, grads_want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5 * float(jnp.abs(w).max()))
+  # bfloat16 in and out, float32 inside: as close to the float32 result as jax's own bf16 path.
+  q, k, v = q / 4, k / 4, v / 4
+  exact = jax.nn.dot_product_attention(q, k, v)
+  bf16 = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+  out = vit.dot_product_attention(*bf16)
+  assert out.dtype == jnp.bfloat16
+  err = float(jnp.abs(out.astype(jnp.float32) - exact).max())
+  err_jax = float(jnp.abs(jax.nn.dot_product_attention(*bf16).astype(jnp.float32) - exact).max())
+  assert err <= 2 * err_jax + 1e-3, (err, err_jax)
 
 
 # -- perf figures ------------------------------------------------------------------------------

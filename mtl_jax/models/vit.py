@@ -55,9 +55,28 @@ class Attention(nnx.Module):
     b, n, d = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim) each
-    # Softmax over keys of q k^T * head_dim^-0.5.
-    out = jax.nn.dot_product_attention(q, k, v)
+    out = dot_product_attention(q, k, v)  # softmax over keys of q k^T * head_dim^-0.5, @ v
     return self.proj(out.reshape(b, n, d))
+
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(d)) v for (B, N, heads, d) q, k, v, as `jax.nn.dot_product_attention`.
+
+  On accelerators it is that function (cuDNN's fused kernel on GPU, docs/accelerators.md §3).
+  On the CPU backend the same function in fewer passes over the (N, N) logits (docs/stack.md
+  §14): the scale multiplies q (exact for the power-of-two scales of head_dim 64 / 16 / 256),
+  the row maximum is a constant under differentiation (softmax does not depend on it), and the
+  normalisation divides the (N, d) output instead of the (N, N) probabilities, so the backward
+  pass needs no reduction over the keys. Logits, exponentials and sums are float32, as in jax.
+  """
+  if jax.default_backend() != 'cpu':
+    return jax.nn.dot_product_attention(q, k, v)
+  f32 = jnp.float32
+  scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q * scale, k, preferred_element_type=f32)
+  p = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
+  out = jnp.einsum('bhqk,bkhd->bqhd', p.astype(v.dtype), v, preferred_element_type=f32)
+  return (out / jnp.sum(p, axis=-1).transpose(0, 2, 1)[..., None]).astype(v.dtype)
 
 
 class Mlp(nnx.Module):
