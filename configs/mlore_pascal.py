@@ -33,8 +33,8 @@ changes the recipe); `--config.model.dtype=bfloat16` speeds up accelerators (the
 `repara`: eval with the re-parameterised MoE (§3.4; same outputs, other FLOPs).
 
 Runtime: unmeasured on accelerators. On the 2-core CPU one fp32 ViT-S train step of batch 2 at
-512x512 takes 8.8-9.0 s with `host_huge_pages` (2026-12-07, benchmarks/mlore_step.py; the
-official code 13.7-14.4 s side by side, 1.58x, benchmarks/RESULTS.md); the full recipe is
+512x512 takes 7.6-8.1 s with `host_huge_pages` (2026-12-07, benchmarks/mlore_step.py; the
+official code 14.1-15.7 s side by side, 1.90x, benchmarks/RESULTS.md); the full recipe is
 GPU/TPU work (the reference trains on 2 GPUs).
 
 Expected (the reference README, §5; semseg mIoU / human_parts mIoU / sal maxF / normals mean deg
