@@ -73,8 +73,8 @@ class LowRankExperts(nnx.Module):
   mixture's dense 3x3 C -> C kernel per sample (`dense`, the §3.4 re-parameterisation without
   BatchNorm, so also in training) applied as patches @ kernel. `fused=False` loops over the
   experts as the reference does (tests and benchmarks/mlore_step.py). All are equal up to
-  summation order. `matmul` computes the 3x3 conv as
-  patches @ kernel (the task LoRA, whose kernels differ per task under the task vmap of `MoEBlock`).
+  summation order. `matmul` computes the 3x3 conv as patches @ kernel (the task LoRA, whose
+  kernels differ per task under the task vmap of `MoEBlock`).
   """
 
   def __init__(self, channels: int, ranks: Sequence[int], *, matmul: bool = False,
