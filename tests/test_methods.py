@@ -4,8 +4,12 @@ The default method reproduces the trainer from before the seam (golden scalars r
 that trainer, commit 399af09): bit for bit on the machine that recorded them, to 1e-4 relative
 on other CPUs (XLA:CPU's code depends on the CPU model: MLoRE's gradient norm differs by 6e-6 at
 the first step and the difference grows over 4 steps; any real change to the step is far
-larger). A method and an evaluator defined and registered here, in a test, run through the
-unchanged trainer with extra train state that is checkpointed and resumed.
+larger). MLoRE's gradient norm is held to 1e-3 since its computation was reordered (heads at
+1/4 resolution, dense expert kernels, the CPU attention form: docs/stack.md §14): it includes
+parameters whose gradient is analytically zero (biases before a BatchNorm), whose rounding
+noise Adam turns into full-size updates; its losses still agree to 1e-4. A method and an
+evaluator defined and registered here, in a test, run through the unchanged trainer with
+extra train state that is checkpointed and resumed.
 """
 
 import json
@@ -58,8 +62,11 @@ def test_default_method_is_bit_identical_to_the_trainer_before_the_seam(tfds_dir
     want = json.load(f)[f'{model}/{devices}']
   got = _step_scalars(config, devices)
   assert [sorted(row) for row in got] == [sorted(row) for row in want]
-  as_floats = lambda rows: np.array([[float.fromhex(r[k]) for k in sorted(r)] for r in rows])
-  np.testing.assert_allclose(as_floats(got), as_floats(want), rtol=1e-4, atol=0)
+  keys = sorted(want[0])
+  as_floats = lambda rows: np.array([[float.fromhex(r[k]) for k in keys] for r in rows])
+  rtol = np.array([1e-3 if model == 'mlore' and k == 'grad_norm' else 1e-4 for k in keys])
+  got, want = as_floats(got), as_floats(want)
+  assert np.all(np.abs(got - want) <= rtol * np.abs(want)), (keys, got, want)
 
 
 @methods.register('test_counting')
