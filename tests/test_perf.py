@@ -207,4 +207,4 @@ def test_cpu_layers_benchmark_runs_and_checks_agreement():
   out = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', 'cpu_layers.py'),
                         '--small', '--repeats=1'], capture_output=True, text=True, check=True)
   rows = [line for line in out.stdout.splitlines() if line.endswith('x')]
-  assert len(rows) == 4, out.stdout
+  assert len(rows) == 7, out.stdout

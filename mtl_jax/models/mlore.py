@@ -101,6 +101,14 @@ class LowRankExperts(nnx.Module):
   def __call__(self, x: jax.Array, gates: jax.Array) -> jax.Array:
     """x (B, h, w, C), gates (B, E) -> sum_i gates[:, i] * Expert_i(x), (B, h, w, C)."""
     x, gates = x.astype(self.dtype), gates.astype(self.dtype)
+    dense = self.dense_mixture
+    if self.fused and (dense if dense is not None
+                       else self._dense_is_cheaper(x.shape[1] * x.shape[2])):
+      kernel, bias = self.dense(gates, self.dtype)
+      b, h, w, c = x.shape
+      patches = layers.im2col(x, 3, 3, [(1, 1)] * 2).reshape(b, h * w, -1)
+      y = jnp.einsum('bpk,bkc->bpc', patches, kernel.reshape(b, -1, c)).reshape(b, h, w, c)
+      return y + bias[:, None, None]
     down, down_bias = self.down_kernel[...].astype(self.dtype), self.down_bias[...]
     up, up_bias = self.up_kernel[...].astype(self.dtype), self.up_bias[...]
     if not self.fused:
@@ -112,13 +120,6 @@ class LowRankExperts(nnx.Module):
         y = layers.matmul(y, up[sl]) + up_bias[i].astype(self.dtype)
         out = out + gates[:, i, None, None, None] * y
       return out
-    dense = self.dense_mixture
-    if dense if dense is not None else self._dense_is_cheaper(x.shape[1] * x.shape[2]):
-      kernel, bias = self.dense(gates, self.dtype)
-      b, h, w, c = x.shape
-      patches = layers.im2col(x, 3, 3, [(1, 1)] * 2).reshape(b, h * w, -1)
-      y = jnp.einsum('bpk,bkc->bpc', patches, kernel.reshape(b, -1, c)).reshape(b, h, w, c)
-      return y + bias[:, None, None]
     y = _conv2d(x, down, self.matmul) + down_bias.astype(self.dtype)
     y = y * self._rank_scale(gates)[:, None, None]
     return layers.matmul(y, up) + (gates @ up_bias.astype(self.dtype))[:, None, None]
