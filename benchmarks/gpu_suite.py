@@ -1,22 +1,29 @@
 r"""One-call accelerator benchmark: MLoRE ViT-L 512² and MTLoRA r64 Swin-T 448² train steps in bf16
-at the recipe's batch and at the largest batch that fits; img/s, MFU and peak memory per line.
+at the recipe's batch and at the largest batch that fits; img/s, MFU and peak memory per line;
+and, given checkouts of the official code, its steps on the same device with their ratio.
 
-  python benchmarks/gpu_suite.py                                  # on a GPU/TPU: ~8 minutes
-  python benchmarks/gpu_suite.py --mtlora_checkout=DIR            # + the official MTLoRA step
-  python benchmarks/gpu_suite.py --cpu_smoke                      # tiny configs, seconds (tests)
+  python benchmarks/gpu_suite.py                                  # on a GPU/TPU: ~6 minutes
+  python benchmarks/gpu_suite.py --mlore_checkout=DIR --mtlora_checkout=DIR   # + the originals
+  python benchmarks/gpu_suite.py --smoke                          # tiny configs, seconds (tests)
+  bash benchmarks/gpu_run.sh                                      # the device call, prepared by
+                                                                  # benchmarks/gpu_bundle.sh
 
 It needs only jax, flax, optax, numpy and ml_collections (no grain, TFDS or clu): the batch is
 synthetic and in memory, and the step is the trainer's function written out (configured
 model, trainable set, optimizer and losses; one device). Where ml_collections is not installed
-and there is no package index, put its wheel in benchmarks/wheels/ (`pip download
-ml_collections==1.1.0 --no-deps -d benchmarks/wheels`); a pure-Python wheel is importable from
-sys.path as it is. Each model runs in its own subprocess so its peak memory is its own; batches
-double from the recipe's until one runs out of memory or --budget_s is spent. MFU uses
-mtl_jax/perf.py (XLA's FLOP count of the compiled step; the device's bf16 peak).
+and there is no package index, put its wheel in benchmarks/wheels/ (benchmarks/gpu_bundle.sh
+does); a pure-Python wheel is importable from sys.path as it is. Each model runs in its own
+subprocess so its peak memory is its own; batches double from the recipe's until one runs out
+of memory or --budget_s is spent. MFU uses mtl_jax/perf.py: the device's bf16 peak, and the
+step's FLOPs from XLA's cost analysis, on GPU of the step traced with the ViT attention in its
+XLA form (XLA counts nothing inside the cuDNN call that runs; docs/accelerators.md §4). Each row
+also carries the measured rate of an 8192³ bf16 matmul on the device (`matmul_flops`).
 
-The reference side: benchmarks/reference_mtlora_step.py with --device=cuda --amp (the release's
-fp16 AMP) when --mtlora_checkout is given. There is no reference script for MLoRE on GPU yet.
-Record results in benchmarks/RESULTS.md with the GPU model, date and command.
+The originals, each in its own subprocess at the recipe's batch (MLoRE 4, MTLoRA 32) and as
+released: benchmarks/reference_mlore_step.py --vit=L (fp32) and benchmarks/reference_mtlora_step.py
+--amp (fp16 autocast + GradScaler), with the torch of the machine. --smoke runs them on
+the CPU at batch 1 (MLoRE ViT-S) to check the path. Record results in benchmarks/RESULTS.md with
+the GPU model, date and command.
 """
 
 import glob
@@ -32,16 +39,22 @@ sys.path[:0] = [ROOT] + sorted(glob.glob(os.path.join(ROOT, 'benchmarks', 'wheel
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 
-_CPU_SMOKE = flags.DEFINE_bool('cpu_smoke', False, 'Smoke configs, one batch size, fp32 (CPU).')
+_SMOKE = flags.DEFINE_bool('smoke', False, 'Smoke configs, one batch size; fp32 on CPU.')
 _BUDGET = flags.DEFINE_float('budget_s', 200.0, 'Seconds per model before larger batches stop.')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per batch size (after the compile).')
 _MAX_BATCH = flags.DEFINE_integer('max_batch', 256, 'Largest batch tried.')
+_MLORE = flags.DEFINE_string('mlore_checkout', '', 'YuqiYang213/MLoRE checkout (reference).')
 _MTLORA = flags.DEFINE_string('mtlora_checkout', '', 'scale-lab/MTLoRA checkout (reference).')
 _ONE = flags.DEFINE_string('one', '', 'Internal: run one model in this process.')
 
 MODELS = {  # name -> (config module, arg): the recipes' models
     'mlore_vitl_512': ('mlore_pascal', 'vit=L'),
     'mtlora_r64_swint_448': ('mtlora_pascal', 'rank=64'),
+}
+# name -> (script, checkout flag, its args as released, its args under --smoke)
+REFERENCES = {
+    'mlore_vitl_512': ('reference_mlore_step.py', _MLORE, ['--vit=L'], ['--vit=S']),
+    'mtlora_r64_swint_448': ('reference_mtlora_step.py', _MTLORA, ['--amp'], []),
 }
 
 
@@ -65,8 +78,9 @@ def synthetic_batch(tasks, batch: int, size: tuple[int, int], seed: int = 0) -> 
 
 
 def make_step(config):
-  """(jitted step(state, batch) -> (state, loss), initial state, tasks) of `config` on one
-  device: the trainer's 'mtl' method (methods/mtl.py) without its input pipeline."""
+  """(step(state, frozen, rest, batch) -> (state, loss), initial state, frozen, rest, tasks) of
+  `config` on one device: the trainer's 'mtl' method (methods/mtl.py) without its input
+  pipeline."""
   import jax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -99,23 +113,26 @@ def make_step(config):
     updates, opt_state = tx.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state, stats), loss
 
-  return jax.jit(step, donate_argnums=(0,)), state, frozen, rest, tasks
+  return step, state, frozen, rest, tasks
 
 
 def run_one(name: str) -> None:
   """Times MODELS[name] at doubling batches; one JSON line per batch size on stdout."""
   import importlib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from mtl_jax import perf  # pylint: disable=g-import-not-at-top
 
   module, arg = MODELS[name]
-  config = importlib.import_module(f'configs.{module}').get_config(
-      'smoke' if _CPU_SMOKE.value else arg)
-  config.model.dtype = 'float32' if _CPU_SMOKE.value else 'bfloat16'
+  config = importlib.import_module(f'configs.{module}').get_config('smoke' if _SMOKE.value else arg)
+  on_cpu = jax.default_backend() == 'cpu'
+  config.model.dtype = 'float32' if on_cpu else 'bfloat16'
   size = tuple(config.input.crop_size)
-  step, state, frozen, rest, tasks = make_step(config)
+  fn, state, frozen, rest, tasks = make_step(config)
+  step = jax.jit(fn, donate_argnums=(0,))
   device = jax.devices()[0]
+  matmul = perf.matmul_flops(512 if on_cpu else 8192, dtype=jnp.dtype(config.model.dtype))
   batch_size, start = config.batch_size, time.perf_counter()  # from the recipe's batch
   while batch_size <= _MAX_BATCH.value:
     batch = jax.device_put(synthetic_batch(tasks, batch_size, size))
@@ -137,14 +154,55 @@ def run_one(name: str) -> None:
       print(json.dumps({'model': name, 'batch': batch_size, 'oom': True}), flush=True)
       break
     med = float(np.median(times))
-    cost = perf.StepCost.of(compiled)
+    flops = None if on_cpu else perf.flops_with_xla_attention(fn, state, frozen, rest, batch)
+    cost = perf.StepCost.of(compiled, flops=flops)
     row = {'model': name, 'device': device.device_kind, 'dtype': config.model.dtype,
            'batch': batch_size, 'compile_s': round(compile_s, 1), 'ms_per_step': med * 1e3,
-           'loss_finite': bool(np.isfinite(float(loss))), **cost.scalars(1 / med, batch_size)}
+           'loss_finite': bool(np.isfinite(float(loss))), 'matmul_flops_measured': matmul,
+           **cost.scalars(1 / med, batch_size)}
     print(json.dumps(row), flush=True)
-    if _CPU_SMOKE.value or time.perf_counter() - start > _BUDGET.value:
+    if _SMOKE.value or time.perf_counter() - start > _BUDGET.value:
       break
     batch_size *= 2
+
+
+def _json_lines(cmd: list[str], what: str, env=None, fatal: bool = True) -> list[dict]:
+  """The JSON rows `cmd` prints; where it fails or prints none, exits with its stderr's tail
+  (`fatal`) or prints that and returns []."""
+  out = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+  lines = []
+  for line in out.stdout.splitlines():
+    try:
+      lines.append(json.loads(line))
+    except json.JSONDecodeError:  # the original code also prints dicts of its config
+      pass
+  lines = [l for l in lines if isinstance(l, dict) and 'model' in l]
+  if out.returncode or not lines:
+    message = f'error: {what} failed (exit {out.returncode}):\n{out.stderr[-3000:]}'
+    if fatal:
+      sys.exit(message)
+    print(message, flush=True)
+    return []
+  return lines
+
+
+def run_reference(name: str, batch: int) -> dict | None:
+  """The official code's step for MODELS[name] (REFERENCES); None without its checkout or
+  where it fails (its error printed)."""
+  script, checkout, args, smoke_args = REFERENCES[name]
+  if not checkout.value:
+    return None
+  wheels = glob.glob(os.path.join(ROOT, 'benchmarks', 'wheels', '*.whl'))  # timm 0.5.4, easydict
+  env = {**os.environ, 'PYTHONPATH': os.pathsep.join(
+      [*wheels, *filter(None, [os.environ.get('PYTHONPATH')])])}
+  device = 'cpu' if _SMOKE.value else 'cuda'
+  flag = checkout.name.removesuffix('_checkout')  # the script's --mlore / --mtlora
+  cmd = [sys.executable, os.path.join(ROOT, 'benchmarks', script), f'--{flag}', checkout.value,
+         f'--device={device}', f'--steps={_STEPS.value}',
+         f'--batch_size={1 if _SMOKE.value else batch}',
+         *(smoke_args if _SMOKE.value else args)]
+  lines = _json_lines(cmd, f'the reference step of {name}', env, fatal=False)
+  return {**lines[-1], 'model': name} if lines else None
 
 
 def main(argv):
@@ -152,16 +210,20 @@ def main(argv):
   if _ONE.value:
     run_one(_ONE.value)
     return
-  rows = []
+  rows, references = [], []
   for name in MODELS:
     cmd = [sys.executable, os.path.abspath(__file__), f'--one={name}',
            f'--steps={_STEPS.value}', f'--budget_s={_BUDGET.value}',
-           f'--max_batch={_MAX_BATCH.value}', f'--cpu_smoke={_CPU_SMOKE.value}']
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    lines = [json.loads(l) for l in out.stdout.splitlines() if l.startswith('{')]
-    if out.returncode or not lines:
-      sys.exit(f'error: {name} failed (exit {out.returncode}):\n{out.stderr[-3000:]}')
+           f'--max_batch={_MAX_BATCH.value}', f'--smoke={_SMOKE.value}']
+    lines = _json_lines(cmd, name)
     rows += lines
+    for line in lines:
+      print(json.dumps(line), flush=True)
+    first = next((r for r in lines if not r.get('oom')), None)
+    ref = run_reference(name, first['batch'] if first else 1)
+    if ref:
+      references.append(ref)
+      print(json.dumps({'reference': ref}), flush=True)
   for r in rows:
     if r.get('oom'):
       print(f'{r["model"]:22s} batch {r["batch"]:4d}: out of memory')
@@ -169,12 +231,21 @@ def main(argv):
     mfu = f'{100 * r["perf/mfu"]:.1f} %' if 'perf/mfu' in r else 'n/a'
     print(f'{r["model"]:22s} {r["device"]} {r["dtype"]} batch {r["batch"]:4d} | '
           f'{r["ms_per_step"]:8.1f} ms/step | {r["perf/img_per_sec"]:8.1f} img/s | MFU {mfu} | '
-          f'peak {r["perf/peak_memory_bytes"] / 2 ** 30:.2f} GiB | compile {r["compile_s"]} s')
-  if _MTLORA.value:
-    subprocess.run([sys.executable, os.path.join(ROOT, 'benchmarks', 'reference_mtlora_step.py'),
-                    f'--mtlora={_MTLORA.value}', '--device=cuda', '--amp', '--batch_size=32',
-                    f'--steps={_STEPS.value}'], check=False)  # the recipe's batch
-  print(json.dumps({'rows': rows}))
+          f'peak {r["perf/peak_memory_bytes"] / 2 ** 30:.2f} GiB | compile {r["compile_s"]} s | '
+          f'matmul {r["matmul_flops_measured"] / 1e12:.1f} TFLOP/s')
+  for ref in references:
+    ours = [r for r in rows if r['model'] == ref['model'] and not r.get('oom')]
+    if not ours:
+      continue
+    same = next((r for r in ours if r['batch'] == ref['batch']), ours[0])
+    best = max(ours, key=lambda r: r['perf/img_per_sec'])
+    ratio = lambda r: (f'{r["perf/img_per_sec"] / ref["perf/img_per_sec"]:.2f}x at batch '
+                       f'{r["batch"]}')
+    print(f'{ref["model"]:22s} official, batch {ref["batch"]:4d} on {ref["device"]} | '
+          f'{ref["ms_per_step"]:8.1f} ms/step | {ref["perf/img_per_sec"]:8.1f} img/s | peak '
+          f'{ref["perf/peak_memory_bytes"] / 2 ** 30:.2f} GiB | mtl_jax / official img/s: ' +
+          ('none (--smoke: other sizes)' if _SMOKE.value else f'{ratio(same)}, {ratio(best)}'))
+  print(json.dumps({'rows': rows, 'references': references}))
 
 
 if __name__ == '__main__':

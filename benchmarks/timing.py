@@ -1,6 +1,7 @@
 """Timing helpers shared by the step benchmarks, with no framework imports (the reference
 scripts run in a torch-only environment)."""
 
+import json
 import resource
 import statistics
 import time
@@ -23,3 +24,11 @@ def time_steps(step: Callable[[], None], steps: int) -> tuple[float, float, floa
 def peak_rss_mib() -> float:
   """Peak resident set size of this process in MiB (Linux reports KiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def print_result(model: str, device: str, batch: int, first: float, median: float,
+                 peak_memory_bytes: int) -> None:
+  """The machine-readable last line of a reference step script (read by benchmarks/gpu_suite.py)."""
+  print(json.dumps({'model': model, 'device': device, 'batch': batch, 'compile_s': round(first, 1),
+                    'ms_per_step': median * 1e3, 'perf/img_per_sec': batch / median,
+                    'perf/peak_memory_bytes': peak_memory_bytes}), flush=True)

@@ -137,7 +137,8 @@ def get_config() -> ml_collections.ConfigDict:
   # name: a family of mtl_jax/models BACKBONES ('vit' | 'swin'); '' = the model's own.
   c.model.backbone = ml_collections.ConfigDict(dict(
       name='', variant='S/16', patch_size=0, embed_dim=0, depth=0, num_heads=0, taps=(),
-      drop_path_rate=0.15, remat='none'))  # remat: models/backbone.py REMAT_POLICIES
+      drop_path_rate=0.15, remat='none', attention='auto'))
+  # remat: models/backbone.py REMAT_POLICIES; attention (ViT): docs/accelerators.md §3
   c.model.decoder = ml_collections.ConfigDict(dict(channels=192, upsample=4))
 
   c.frozen = ()  # regexes over parameter paths that are not trained

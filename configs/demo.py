@@ -69,7 +69,8 @@ def get_config(arg=None):
 
   # ViT patch 8 on 64x80: an 8x10 token grid, taps after blocks 1, 2, 3 + the final map.
   c.model.backbone = dict(name='', variant='', patch_size=8, embed_dim=64, depth=4, num_heads=2,
-                          taps=(1, 2, 3), drop_path_rate=0.0, remat='none')
+                          taps=(1, 2, 3), drop_path_rate=0.0, remat='none',
+                          attention='auto')
   if arg.model == 'mlore':
     # MLoRE (configs/mlore_pascal.py's structure): 15 experts with ranks 1..8 (sum 64 = 2C, as
     # ViT-S's 540 ~ 2.8C), top-9 routing, task LoRA rank 4; heads at 1/2 resolution (x4 of the

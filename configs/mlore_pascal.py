@@ -93,7 +93,8 @@ def experiment(arg, *, dataset: str, tasks: str, crop_size: tuple[int, int],
   c.model.name = 'mlore'
   c.model.dtype = 'float32'
   c.model.backbone = dict(name='', variant=f'{arg.vit}/16', patch_size=0, embed_dim=0, depth=0,
-                          num_heads=0, taps=(), drop_path_rate=0.15, remat='none')
+                          num_heads=0, taps=(), drop_path_rate=0.15, remat='none',
+                          attention='auto')
   c.model.mlore = dict(channels=0, rank_list=(), spe_rank=0, topk=9, pre_softmax=pre_softmax,
                        repara=arg.repara)
 

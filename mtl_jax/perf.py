@@ -11,12 +11,18 @@ maxtext reports), or from `config.perf_peak_flops` when set. A device with no en
 unlisted accelerator) logs no `perf/mfu` unless the override is given; benchmarks pass the
 measured rate of a large fp32 matmul on the machine (`matmul_flops`).
 
+XLA counts nothing inside a custom call, so on GPU, where the ViT's attention is cuDNN's fused
+kernel (docs/accelerators.md §3), the trainer takes the step's FLOPs from
+`flops_with_xla_attention`: the cost analysis of the same step traced with the attention in its
+XLA form (the un-partitioned program: its FLOPs / devices).
+
 Peak memory: `peak_bytes_in_use` of device 0 where the backend reports memory statistics (GPU,
 TPU); on CPU, where it does not, the process' peak resident set (`ru_maxrss`), which is what the
 device arrays of a CPU "device" live in.
 """
 
 import dataclasses
+import functools
 import resource
 import sys
 import time
@@ -52,7 +58,7 @@ def peak_flops(device: jax.Device, override: float = 0.0) -> float | None:
 
 def matmul_flops(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
   """Measured FLOP/s of an n x n x n matmul on the default device (best of `repeats`)."""
-  a = jnp.ones((n, n), dtype)
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)  # not constants (faster on some GPUs)
   f = jax.jit(lambda x: x @ x)
   f(a).block_until_ready()
   best = float('inf')
@@ -74,6 +80,22 @@ def peak_memory_bytes(device: jax.Device | None = None) -> int:
   return int(rss if sys.platform == 'darwin' else rss * 1024)  # bytes on macOS, KiB on Linux
 
 
+def _flops(analysis) -> float:
+  if isinstance(analysis, (list, tuple)):  # older jax: one dict per module
+    analysis = analysis[0] if analysis else {}
+  return float((analysis or {}).get('flops', 0.0))
+
+
+def flops_with_xla_attention(fn, *args, devices: int = 1, **jit_kwargs) -> float:
+  """Per-device FLOPs of `jax.jit(fn, **jit_kwargs)(*args)` with every ViT attention traced in
+  its XLA form, from the lowered (not compiled, so not yet partitioned) program: its global
+  count / `devices` (the mesh's size where the step is spread over a mesh)."""
+  from mtl_jax.models import vit  # pylint: disable=g-import-not-at-top
+  step = jax.jit(functools.partial(fn), **jit_kwargs)  # a new function: not from jit's cache
+  with vit.attention_implementation('xla'):
+    return _flops(step.lower(*args).cost_analysis()) / devices
+
+
 @dataclasses.dataclass(frozen=True)
 class StepCost:
   """Per-device FLOPs of one compiled step and the peak FLOP/s they are measured against."""
@@ -81,11 +103,10 @@ class StepCost:
   peak: float | None
 
   @classmethod
-  def of(cls, compiled: jax.stages.Compiled, peak_override: float = 0.0) -> 'StepCost':
-    analysis = compiled.cost_analysis()
-    if isinstance(analysis, (list, tuple)):  # older jax: one dict per module
-      analysis = analysis[0] if analysis else {}
-    flops = float((analysis or {}).get('flops', 0.0))
+  def of(cls, compiled: jax.stages.Compiled, peak_override: float = 0.0,
+         flops: float | None = None) -> 'StepCost':
+    """The cost of `compiled` (or `flops` per device, where given) against the device's peak."""
+    flops = _flops(compiled.cost_analysis()) if flops is None else flops
     peak = peak_flops(jax.local_devices()[0], peak_override)
     logging.info('Train step: %.3g FLOPs per device (XLA cost analysis); peak %s', flops,
                  f'{peak:.3g} FLOP/s' if peak else 'unknown (set --config.perf_peak_flops)')

@@ -198,9 +198,10 @@ class Trainer:
     repl = sharding.replicated(self.mesh)
     batch = sharding.batch_sharding(self.mesh)
     self.rest = jax.jit(self._init_rest, out_shardings=repl)()
-    self.train_step = jax.jit(self._guarded_train_step,
-                              in_shardings=(self.state_sharding, repl, batch),
-                              out_shardings=(self.state_sharding, repl), donate_argnums=(0,))
+    self._step_shardings = dict(in_shardings=(self.state_sharding, repl, batch),
+                                out_shardings=(self.state_sharding, repl))
+    self.train_step = jax.jit(self._guarded_train_step, **self._step_shardings,
+                              donate_argnums=(0,))
     self.eval_step = jax.jit(self._eval_step, in_shardings=(self.state_sharding, repl, batch),
                              out_shardings=(repl, batch))
     self.conflict_step = jax.jit(functools.partial(conflict.measure, self.method),
@@ -331,6 +332,12 @@ class Trainer:
     new_step = jnp.asarray(step if cont else 0, state.step.dtype)
     return state.replace(opt_state=opt_state,
                          step=jax.device_put(new_step, state.step.sharding))
+
+  def step_flops(self, state: TrainState, batch) -> float:
+    """Per-device FLOPs of one train step with the ViT attention in its XLA form, for MFU where
+    it runs as cuDNN's fused kernel, whose FLOPs XLA does not count (perf.py)."""
+    return perf.flops_with_xla_attention(self._guarded_train_step, state, self.rest, batch,
+                                         devices=self.mesh.size, **self._step_shardings)
 
   def _guarded_train_step(self, state: TrainState, rest, batch):
     """The method's step, applied only when its loss and new weights are finite (docs/faults.md
@@ -618,7 +625,9 @@ def _loop(trainer, state, latest, ckpt, writer, train_iter, eval_iter, signals):
                                                                           batch)))
     if train_step is None:  # compiled once, ahead of time, for its cost analysis (perf.py)
       train_step = trainer.train_step.lower(state, trainer.rest, batch).compile()
-      cost, t0 = perf.StepCost.of(train_step, config.perf_peak_flops), time.perf_counter()
+      flops = trainer.step_flops(state, batch) if jax.default_backend() == 'gpu' else None
+      cost = perf.StepCost.of(train_step, config.perf_peak_flops, flops)
+      t0 = time.perf_counter()
     state, scalars = train_step(state, trainer.rest, batch)
     step += 1
     window.append(scalars)

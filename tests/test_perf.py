@@ -112,16 +112,64 @@ def test_unknown_remat_policy_is_a_config_error():
 # -- the ViT's attention -----------------------------------------------------------------------
 
 def test_vit_attention_is_the_literal_softmax_attention():
-  """The ViT's attention (jax.nn.dot_product_attention on accelerators: cuDNN's fused kernel on
-  GPU; its CPU form here) computes softmax(q k^T / sqrt(d)) v of the qkv split (docs/mlore.md
-  §2)."""
-  attn = vit.Attention(24, 3, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  """The ViT's attention (cuDNN's fused kernel on GPU in bf16; here its CPU form and XLA's
+  composition) computes softmax(q k^T / sqrt(d)) v of the qkv split (docs/mlore.md §2)."""
   x = jax.random.normal(jax.random.key(0), (2, 10, 24))
-  qkv = attn.qkv(x).reshape(2, 10, 3, 3, 8)
-  q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, heads, N, hd)
-  p = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(8), axis=-1)
-  want = attn.proj((p @ v).transpose(0, 2, 1, 3).reshape(2, 10, 24))
-  np.testing.assert_allclose(attn(x), want, rtol=1e-5, atol=1e-6)
+  for attention in ('auto', 'xla'):
+    attn = vit.Attention(24, 3, dtype=jnp.float32, attention=attention, rngs=nnx.Rngs(0))
+    qkv = attn.qkv(x).reshape(2, 10, 3, 3, 8)
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))  # (B, heads, N, hd)
+    p = jax.nn.softmax(q @ k.transpose(0, 1, 3, 2) / np.sqrt(8), axis=-1)
+    want = attn.proj((p @ v).transpose(0, 2, 1, 3).reshape(2, 10, 24))
+    np.testing.assert_allclose(attn(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_implementation_per_backend_dtype_and_head_dim():
+  """config.model.backbone.attention 'auto' (docs/accelerators.md §3): the CPU form on CPU,
+  cuDNN on GPU only where its fused kernel applies (bf16/fp16, head_dim % 8 == 0 and <= 128),
+  XLA elsewhere (TPU, fp32); a forced implementation wins over the configured one."""
+  bf16, f32 = jnp.bfloat16, jnp.float32
+  assert vit.resolve_attention('auto', bf16, 64, 'cpu') == 'cpu'
+  assert vit.resolve_attention('auto', bf16, 64, 'gpu') == 'cudnn'
+  assert vit.resolve_attention('auto', jnp.float16, 128, 'gpu') == 'cudnn'
+  assert vit.resolve_attention('auto', f32, 64, 'gpu') == 'xla'
+  assert vit.resolve_attention('auto', bf16, 36, 'gpu') == 'xla'
+  assert vit.resolve_attention('auto', bf16, 256, 'gpu') == 'xla'
+  assert vit.resolve_attention('auto', bf16, 64, 'tpu') == 'xla'
+  assert vit.resolve_attention('xla', bf16, 64, 'cpu') == 'xla'
+  with vit.attention_implementation('xla'):
+    assert vit.resolve_attention('auto', bf16, 64, 'gpu') == 'xla'
+  assert vit.resolve_attention('auto', bf16, 64, 'gpu') == 'cudnn'
+  config = demo.get_config('smoke')
+  config.model.backbone.attention = 'flash'
+  with pytest.raises(ConfigError, match="attention 'flash'; known: auto, xla, cudnn"):
+    models.build_model(config, tasks_lib.config_tasks(config), rngs=nnx.Rngs(0))
+
+
+def test_gpu_attention_dispatches_to_cudnn_and_falls_back(monkeypatch):
+  """On a GPU backend (simulated), bf16 attention calls jax.nn.dot_product_attention with
+  implementation='cudnn'; where cuDNN refuses while tracing, 'auto' falls back to 'xla' and an
+  explicit 'cudnn' raises."""
+  calls, refuse = [], []
+
+  def fake(q, k, v, implementation=None):
+    calls.append(implementation)
+    if implementation in refuse:
+      raise RuntimeError('cuDNN is not detected')
+    return q
+
+  monkeypatch.setattr(jax, 'default_backend', lambda: 'gpu')
+  monkeypatch.setattr(jax.nn, 'dot_product_attention', fake)
+  q = jnp.zeros((1, 4, 2, 16), jnp.bfloat16)
+  vit.dot_product_attention(q, q, q)
+  vit.dot_product_attention(q.astype(jnp.float32), q, q)
+  assert calls == ['cudnn', 'xla']
+  refuse.append('cudnn')
+  calls.clear()
+  vit.dot_product_attention(q, q, q)
+  assert calls == ['cudnn', 'xla']
+  with pytest.raises(RuntimeError, match='cuDNN'):
+    vit.dot_product_attention(q, q, q, 'cudnn')
 
 
 @pytest.mark.parametrize('head_dim', [64, 24])
@@ -153,6 +201,48 @@ def test_cpu_attention_equals_jax_dot_product_attention_with_gradients(head_dim)
 
 
 # -- perf figures ------------------------------------------------------------------------------
+
+def test_flops_with_xla_attention_retraces_with_the_xla_form(monkeypatch):
+  """perf.flops_with_xla_attention (the trainer's FLOP count on GPU, where XLA counts nothing
+  inside cuDNN's attention call) traces the step again with every attention in its XLA form,
+  even after the default form's trace is in jit's cache, and counts what a model built with
+  attention='xla' counts."""
+  def loss_of(model):
+    graph, params = nnx.split(model)
+    return lambda params, x: sum(jnp.sum(f) for f in nnx.merge(graph, params)(x).maps), params
+
+  sizes = dict(img_size=(32, 32), patch_size=16, embed_dim=32, depth=2, num_heads=2, taps=(1,))
+  x = jnp.ones((2, 32, 32, 3))
+  f, params = loss_of(vit.ViT(**sizes, rngs=nnx.Rngs(0)))
+  default = perf._flops(jax.jit(f).lower(params, x).cost_analysis())  # the CPU form, cached
+  calls = []
+  real = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, 'dot_product_attention',
+                      lambda *a, **k: calls.append(k['implementation']) or real(*a, **k))
+  counted = perf.flops_with_xla_attention(f, params, x)
+  assert calls == ['xla', 'xla']  # one per block, traced afresh
+  f_xla, params_xla = loss_of(vit.ViT(**sizes, attention='xla', rngs=nnx.Rngs(0)))
+  assert counted == perf._flops(jax.jit(f_xla).lower(params_xla, x).cost_analysis())
+  assert counted != default and counted > 0
+
+
+def test_trainer_step_flops_on_a_mesh_match_the_compiled_count(tfds_dir, tmp_path):
+  """Trainer.step_flops (what the trainer reports on GPU) on a 2-device mesh: the un-partitioned
+  step's FLOPs / 2 agree with XLA's per-device count of the compiled step within 20 % (they
+  differ in the attention form and in what partitioning and fusion add)."""
+  from mtl_jax import input_pipeline, sharding, train  # pylint: disable=g-import-not-at-top
+  config = demo.get_config('smoke,model=vit_baseline')
+  config.dataset.update(name='synthetic_scenes/tiny', data_dir=tfds_dir, build_if_missing=False)
+  config.batch_size = 4
+  trainer = train.Trainer(config, tmp_path, jax.devices()[:2])
+  batch = sharding.global_batch(next(input_pipeline.make_train_iterator(
+      config, trainer.tasks, source=trainer.train_source)), trainer.mesh)
+  state = trainer.init_state()
+  compiled = perf._flops(trainer.train_step.lower(state, trainer.rest, batch).compile()
+                         .cost_analysis())
+  counted = trainer.step_flops(state, batch)
+  assert compiled > 0 and 0.8 < counted / compiled < 1.2, (counted, compiled)
+
 
 def test_peak_flops_table_and_override():
   cpu = jax.devices()[0]
@@ -187,11 +277,11 @@ def test_step_cost_of_a_compiled_matmul():
 
 @pytest.mark.slow  # ~1.5 min: compiles the MLoRE and MTLoRA smoke steps
 def test_gpu_suite_cpu_mode():
-  """benchmarks/gpu_suite.py --cpu_smoke: both models' steps run in their subprocesses, without
+  """benchmarks/gpu_suite.py --smoke: both models' steps run in their subprocesses, without
   the input pipeline, and report img/s, XLA FLOPs and peak memory."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', 'gpu_suite.py'),
-                        '--cpu_smoke', '--steps=1'], capture_output=True, text=True, check=True)
+                        '--smoke', '--steps=1'], capture_output=True, text=True, check=True)
   rows = json.loads(out.stdout.strip().splitlines()[-1])['rows']
   assert sorted(r['model'] for r in rows) == ['mlore_vitl_512', 'mtlora_r64_swint_448']
   for r in rows:

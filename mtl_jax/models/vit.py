@@ -10,11 +10,15 @@
   output after the final LayerNorm, each as a (B, h, w, D) map. Shipped configs tap 3 distinct
   blocks; a block listed twice is returned twice (lets tiny test configs keep 4 maps).
 
-`dtype` is the computation dtype; parameters are always float32.
+`dtype` is the computation dtype; parameters are always float32. `attention` picks how the
+global attention is computed (ATTENTION_IMPLEMENTATIONS; docs/accelerators.md §3).
 """
 
+import contextlib
+import contextvars
 from collections.abc import Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -22,6 +26,7 @@ from flax import nnx
 
 from mtl_jax.models import backbone
 from mtl_jax.models import layers
+from mtl_jax.registry import ConfigError
 
 # docs/mlore.md §2. 'tiny/16' is the reduced ViT of the golden fixtures (§10), for tests/demos.
 VARIANTS = {
@@ -41,13 +46,49 @@ def _layer_norm(dim: int, dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
 
 
+# config.model.backbone.attention (docs/accelerators.md §3): 'auto' is the CPU form on the CPU
+# backend, cuDNN's fused kernel on GPU for bf16/fp16 (head_dim a multiple of 8, at most 128), and
+# XLA's composition of jax.nn.dot_product_attention otherwise; 'xla' and 'cudnn' force one.
+ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
+_FORCED = contextvars.ContextVar('mtl_jax_vit_attention', default=None)
+
+
+@contextlib.contextmanager
+def attention_implementation(name: str):
+  """Traces every ViT attention inside the block with `name`, whatever the model was built with
+  (perf.py counts a GPU step's FLOPs on the 'xla' form: XLA counts none in a cuDNN call)."""
+  token = _FORCED.set(name)
+  try:
+    yield
+  finally:
+    _FORCED.reset(token)
+
+
+def resolve_attention(implementation: str, dtype, head_dim: int, backend: str | None = None) -> str:
+  """'cpu', 'xla' or 'cudnn': what `implementation` (or a forced one) means for these operands."""
+  implementation = _FORCED.get() or implementation
+  if implementation not in ATTENTION_IMPLEMENTATIONS:
+    raise ConfigError(f'unknown config.model.backbone.attention {implementation!r}; known: '
+                      f'{", ".join(ATTENTION_IMPLEMENTATIONS)}')
+  if implementation != 'auto':
+    return implementation
+  backend = backend or jax.default_backend()
+  if backend == 'cpu':
+    return 'cpu'
+  fused_ok = (jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+              and head_dim % 8 == 0 and head_dim <= 128)
+  return 'cudnn' if backend == 'gpu' and fused_ok else 'xla'
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention with a fused qkv projection (docs/mlore.md §2)."""
 
-  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, num_heads: int, *, dtype, attention: str = 'auto',
+               rngs: nnx.Rngs):
     if dim % num_heads:
       raise ValueError(f'embed_dim {dim} is not divisible by num_heads {num_heads}')
     self.num_heads = num_heads
+    self.attention = attention
     self.qkv = _linear(dim, 3 * dim, dtype, rngs)
     self.proj = _linear(dim, dim, dtype, rngs)
 
@@ -55,22 +96,33 @@ class Attention(nnx.Module):
     b, n, d = x.shape
     qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]  # (B, N, heads, head_dim) each
-    out = dot_product_attention(q, k, v)  # softmax over keys of q k^T * head_dim^-0.5, @ v
+    out = dot_product_attention(q, k, v, self.attention)  # softmax(q k^T / sqrt(hd)) v
     return self.proj(out.reshape(b, n, d))
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
+                          implementation: str = 'auto') -> jax.Array:
   """softmax(q k^T / sqrt(d)) v for (B, N, heads, d) q, k, v, as `jax.nn.dot_product_attention`.
 
-  On accelerators it is that function (cuDNN's fused kernel on GPU, docs/accelerators.md §3).
-  On the CPU backend the same function in fewer passes over the (N, N) logits (docs/stack.md
-  §14): the scale multiplies q (exact for the power-of-two scales of head_dim 64 / 16 / 256),
-  the row maximum is a constant under differentiation (softmax does not depend on it), and the
-  normalisation divides the (N, d) output instead of the (N, N) probabilities, so the backward
-  pass needs no reduction over the keys. Logits, exponentials and sums are float32, as in jax.
+  `implementation` as `resolve_attention`: 'cudnn' is that function's cuDNN fused kernel (GPU,
+  docs/accelerators.md §3), 'xla' its XLA composition. 'cpu' computes the same function in
+  fewer passes over the (N, N) logits (docs/stack.md §14): the scale multiplies q (exact for
+  the power-of-two scales of head_dim 64 / 16 / 256), the row maximum is a constant under
+  differentiation (softmax does not depend on it), and the normalisation divides the (N, d)
+  output instead of the (N, N) probabilities, so the backward pass needs no reduction over the
+  keys. Logits, exponentials and sums are float32, as in jax.
   """
-  if jax.default_backend() != 'cpu':
-    return jax.nn.dot_product_attention(q, k, v)
+  how = resolve_attention(implementation, q.dtype, q.shape[-1])
+  if how == 'cudnn':
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
+    except (NotImplementedError, RuntimeError, ValueError) as e:  # checked while tracing
+      if (_FORCED.get() or implementation) == 'cudnn':
+        raise
+      logging.log_first_n(logging.WARNING, 'cuDNN attention unavailable (%s); using XLA', 1, e)
+      how = 'xla'
+  if how == 'xla':
+    return jax.nn.dot_product_attention(q, k, v, implementation='xla')
   f32 = jnp.float32
   scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
   logits = jnp.einsum('bqhd,bkhd->bhqk', q * scale, k, preferred_element_type=f32)
@@ -94,9 +146,9 @@ class Block(nnx.Module):
   """Pre-norm transformer block with per-sample stochastic depth (timm DropPath)."""
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, *, dtype,
-               rngs: nnx.Rngs):
+               attention: str = 'auto', rngs: nnx.Rngs):
     self.norm1 = _layer_norm(dim, dtype, rngs)
-    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, num_heads, dtype=dtype, attention=attention, rngs=rngs)
     self.norm2 = _layer_norm(dim, dtype, rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
     # One mask per sample (broadcast over tokens and channels), kept samples scaled by 1/keep.
@@ -116,10 +168,11 @@ class ViT(nnx.Module):
 
   def __init__(self, img_size: tuple[int, int], patch_size: int, embed_dim: int, depth: int,
                num_heads: int, mlp_ratio: float = 4, taps: Sequence[int] = (3, 6, 9),
-               drop_path_rate: float = 0.15, dtype=jnp.float32, remat: str = 'none', *,
-               rngs: nnx.Rngs):
+               drop_path_rate: float = 0.15, dtype=jnp.float32, remat: str = 'none',
+               attention: str = 'auto', *, rngs: nnx.Rngs):
     img_h, img_w = img_size
     backbone.block_caller(remat)  # ConfigError for an unknown policy
+    resolve_attention(attention, dtype, embed_dim // num_heads)  # ConfigError for an unknown one
     if img_h % patch_size or img_w % patch_size:
       raise ValueError(f'img_size {tuple(img_size)} is not divisible by patch_size {patch_size}; '
                        'set config.input.crop_size to a multiple of it')
@@ -138,7 +191,8 @@ class ViT(nnx.Module):
     self.pos_embed = nnx.Param(
         layers.trunc_normal(0.02)(rngs.params(), (1, num_patches + 1, embed_dim)))
     self.blocks = nnx.List([
-        Block(embed_dim, num_heads, mlp_ratio, float(rate), dtype=dtype, rngs=rngs)
+        Block(embed_dim, num_heads, mlp_ratio, float(rate), dtype=dtype, attention=attention,
+              rngs=rngs)
         for rate in np.linspace(0.0, drop_path_rate, depth)])
     self.norm = _layer_norm(embed_dim, dtype, rngs)
     self.stage_dims = (embed_dim,) * (len(taps) + 1)  # the backbone contract (backbone.py)
@@ -169,10 +223,11 @@ def arch(cfg) -> dict:
 
 
 def build(config, tasks=None, *, rngs: nnx.Rngs) -> ViT:
-  """The ViT of `config.model.backbone` (variant or explicit sizes, drop_path_rate, remat) for
-  `config.input.crop_size` and `config.model.dtype`; `tasks` is unused (no task streams)."""
+  """The ViT of `config.model.backbone` (variant or explicit sizes, drop_path_rate, remat,
+  attention) for `config.input.crop_size` and `config.model.dtype`; `tasks` is unused."""
   del tasks
   return ViT(tuple(config.input.crop_size), **arch(config.model.backbone),
              drop_path_rate=config.model.backbone.drop_path_rate,
              remat=config.model.backbone.get('remat', 'none'),
+             attention=config.model.backbone.get('attention', 'auto'),
              dtype=jnp.dtype(config.model.dtype), rngs=rngs)
