@@ -45,6 +45,8 @@ _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps per batch size (after th
 _MAX_BATCH = flags.DEFINE_integer('max_batch', 256, 'Largest batch tried.')
 _MLORE = flags.DEFINE_string('mlore_checkout', '', 'YuqiYang213/MLoRE checkout (reference).')
 _MTLORA = flags.DEFINE_string('mtlora_checkout', '', 'scale-lab/MTLoRA checkout (reference).')
+_ATTENTION = flags.DEFINE_string('attention', 'auto', 'config.model.backbone.attention of the '
+                                 'ViT (docs/accelerators.md §3): auto | xla | cudnn.')
 _ONE = flags.DEFINE_string('one', '', 'Internal: run one model in this process.')
 
 MODELS = {  # name -> (config module, arg): the recipes' models
@@ -128,6 +130,8 @@ def run_one(name: str) -> None:
   config = importlib.import_module(f'configs.{module}').get_config('smoke' if _SMOKE.value else arg)
   on_cpu = jax.default_backend() == 'cpu'
   config.model.dtype = 'float32' if on_cpu else 'bfloat16'
+  if 'attention' in config.model.backbone:  # the ViT's
+    config.model.backbone.attention = _ATTENTION.value
   size = tuple(config.input.crop_size)
   fn, state, frozen, rest, tasks = make_step(config)
   step = jax.jit(fn, donate_argnums=(0,))
@@ -157,6 +161,7 @@ def run_one(name: str) -> None:
     flops = None if on_cpu else perf.flops_with_xla_attention(fn, state, frozen, rest, batch)
     cost = perf.StepCost.of(compiled, flops=flops)
     row = {'model': name, 'device': device.device_kind, 'dtype': config.model.dtype,
+           'attention': config.model.backbone.get('attention', 'window (Swin)'),
            'batch': batch_size, 'compile_s': round(compile_s, 1), 'ms_per_step': med * 1e3,
            'loss_finite': bool(np.isfinite(float(loss))), 'matmul_flops_measured': matmul,
            **cost.scalars(1 / med, batch_size)}
@@ -214,7 +219,8 @@ def main(argv):
   for name in MODELS:
     cmd = [sys.executable, os.path.abspath(__file__), f'--one={name}',
            f'--steps={_STEPS.value}', f'--budget_s={_BUDGET.value}',
-           f'--max_batch={_MAX_BATCH.value}', f'--smoke={_SMOKE.value}']
+           f'--max_batch={_MAX_BATCH.value}', f'--smoke={_SMOKE.value}',
+           f'--attention={_ATTENTION.value}']
     lines = _json_lines(cmd, name)
     rows += lines
     for line in lines:

@@ -26,7 +26,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 import jax
 
-from benchmarks import train_step  # noqa: F401  (defines --config and --steps)
+from benchmarks import train_step  # defines --config, --steps and --host_huge_pages
 from mtl_jax import input_pipeline
 from mtl_jax import sharding
 from mtl_jax import train
@@ -85,6 +85,7 @@ def op_times(trace_dir: str) -> dict[str, float]:
 def main(argv):
   del argv
   config = flags.FLAGS.config
+  train_step.set_host_memory(config)  # the recipe's host_huge_pages, as the step benchmarks
   config.batch_size = _BATCH.value
   config.model.dtype = 'float32'
   config.dataset.update(name='synthetic_scenes/tiny', data_dir=_DATA_DIR.value,

@@ -281,9 +281,12 @@ def test_gpu_suite_cpu_mode():
   the input pipeline, and report img/s, XLA FLOPs and peak memory."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   out = subprocess.run([sys.executable, os.path.join(root, 'benchmarks', 'gpu_suite.py'),
-                        '--smoke', '--steps=1'], capture_output=True, text=True, check=True)
+                        '--smoke', '--steps=1', '--attention=xla'], capture_output=True,
+                       text=True, check=True)
   rows = json.loads(out.stdout.strip().splitlines()[-1])['rows']
   assert sorted(r['model'] for r in rows) == ['mlore_vitl_512', 'mtlora_r64_swint_448']
+  assert {r['model']: r['attention'] for r in rows} == {
+      'mlore_vitl_512': 'xla', 'mtlora_r64_swint_448': 'window (Swin)'}  # --attention reached
   for r in rows:
     assert r['loss_finite'] and r['perf/img_per_sec'] > 0, r
     assert r['perf/flops_per_device_step'] > 1e6 and r['perf/peak_memory_bytes'] > 2 ** 20, r

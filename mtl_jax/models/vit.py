@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mtl_jax import ConfigError
 from mtl_jax.models import backbone
 from mtl_jax.models import layers
-from mtl_jax.registry import ConfigError
 
 # docs/mlore.md §2. 'tiny/16' is the reduced ViT of the golden fixtures (§10), for tests/demos.
 VARIANTS = {
