@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU benchmark in one device call (issue 11; docs/accelerators.md §6), about 7 minutes on
-# one H100/H200. Prepare it here with `bash benchmarks/gpu_bundle.sh MLORE_CHECKOUT
+# The GPU benchmark in one device call (issue 11; docs/accelerators.md §6); estimated, not yet
+# measured: 7 to 9 minutes on one H100/H200. Prepare it here with `bash benchmarks/gpu_bundle.sh MLORE_CHECKOUT
 # MTLORA_CHECKOUT`, then, with the device tool:
 #   run(command='bash benchmarks/gpu_run.sh', carry=['benchmarks/wheels',
 #       'benchmarks/reference_code'], timeout_s=590)

@@ -2,7 +2,7 @@ r"""One-call accelerator benchmark: MLoRE ViT-L 512Â² and MTLoRA r64 Swin-T 448Â
 at the recipe's batch and at the largest batch that fits; img/s, MFU and peak memory per line;
 and, given checkouts of the official code, its steps on the same device with their ratio.
 
-  python benchmarks/gpu_suite.py                                  # on a GPU/TPU: ~6 minutes
+  python benchmarks/gpu_suite.py                                  # on a GPU/TPU (not yet run)
   python benchmarks/gpu_suite.py --mlore_checkout=DIR --mtlora_checkout=DIR   # + the originals
   python benchmarks/gpu_suite.py --smoke                          # tiny configs, seconds (tests)
   bash benchmarks/gpu_run.sh                                      # the device call, prepared by
@@ -158,7 +158,8 @@ def run_one(name: str) -> None:
       print(json.dumps({'model': name, 'batch': batch_size, 'oom': True}), flush=True)
       break
     med = float(np.median(times))
-    flops = None if on_cpu else perf.flops_with_xla_attention(fn, state, frozen, rest, batch)
+    flops = (perf.flops_with_xla_attention(fn, state, frozen, rest, batch)
+             if perf.attention_uncounted() else None)
     cost = perf.StepCost.of(compiled, flops=flops)
     row = {'model': name, 'device': device.device_kind, 'dtype': config.model.dtype,
            'attention': config.model.backbone.get('attention', 'window (Swin)'),

@@ -118,10 +118,8 @@ def main():
   first, med, fastest = timing.time_steps(step, args.steps)
   unused = sum(q.numel() for q in params if q.grad is None)
   print(f'parameters without a gradient (never run): {unused:,}')
-  peak = (torch.cuda.max_memory_allocated() if dev.type == 'cuda'
-          else int(timing.peak_rss_mib() * 2 ** 20))
-  mem = (f'peak GPU memory {peak / 2 ** 30:.2f} GiB' if dev.type == 'cuda'
-         else f'peak RSS {peak / 2 ** 20:.0f} MiB')
+  peak, mem = timing.peak_memory(torch.cuda.max_memory_allocated() if dev.type == 'cuda'
+                                 else None)
   print(f'official MLoRE ViT-{args.vit} {hw[0]}x{hw[1]} batch {b} fp32 on {args.device} | first '
         f'step {first:.1f} s | median {med * 1e3:.0f} ms/step (min {fastest * 1e3:.0f}) | '
         f'{b / med:.3f} img/s | {mem}')

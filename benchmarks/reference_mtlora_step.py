@@ -95,10 +95,8 @@ def main():
       torch.cuda.synchronize()
 
   first, med, fastest = timing.time_steps(step, args.steps)
-  peak = (torch.cuda.max_memory_allocated() if dev.type == 'cuda'
-          else int(timing.peak_rss_mib() * 2 ** 20))
-  mem = (f'peak GPU memory {peak / 2 ** 30:.2f} GiB' if dev.type == 'cuda'
-         else f'peak RSS {peak / 2 ** 20:.0f} MiB')
+  peak, mem = timing.peak_memory(torch.cuda.max_memory_allocated() if dev.type == 'cuda'
+                                 else None)
   print(f'official MTLoRA r64 Swin-T 448x448 batch {b} {"amp fp16" if args.amp else "fp32"} on '
         f'{args.device} | first step {first:.1f} s | median {med * 1e3:.0f} ms/step (min '
         f'{fastest * 1e3:.0f}) | {b / med:.3f} img/s | {mem}')

@@ -26,6 +26,15 @@ def peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_memory(cuda_bytes: int | None = None) -> tuple[int, str]:
+  """(bytes, text) of a reference step's peak: `cuda_bytes` (torch.cuda.max_memory_allocated) on
+  GPU, else this process's peak RSS."""
+  if cuda_bytes is not None:
+    return cuda_bytes, f'peak GPU memory {cuda_bytes / 2 ** 30:.2f} GiB'
+  mib = peak_rss_mib()
+  return int(mib * 2 ** 20), f'peak RSS {mib:.0f} MiB'
+
+
 def print_result(model: str, device: str, batch: int, first: float, median: float,
                  peak_memory_bytes: int) -> None:
   """The machine-readable last line of a reference step script (read by benchmarks/gpu_suite.py)."""

@@ -86,6 +86,12 @@ def _flops(analysis) -> float:
   return float((analysis or {}).get('flops', 0.0))
 
 
+def attention_uncounted() -> bool:
+  """Whether XLA's count of a compiled step misses the ViT attention: on GPU, where it is a cuDNN
+  call (docs/accelerators.md §3); count with `flops_with_xla_attention` there."""
+  return jax.default_backend() == 'gpu'
+
+
 def flops_with_xla_attention(fn, *args, devices: int = 1, **jit_kwargs) -> float:
   """Per-device FLOPs of `jax.jit(fn, **jit_kwargs)(*args)` with every ViT attention traced in
   its XLA form, from the lowered (not compiled, so not yet partitioned) program: its global

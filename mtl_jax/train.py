@@ -625,7 +625,7 @@ def _loop(trainer, state, latest, ckpt, writer, train_iter, eval_iter, signals):
                                                                           batch)))
     if train_step is None:  # compiled once, ahead of time, for its cost analysis (perf.py)
       train_step = trainer.train_step.lower(state, trainer.rest, batch).compile()
-      flops = trainer.step_flops(state, batch) if jax.default_backend() == 'gpu' else None
+      flops = trainer.step_flops(state, batch) if perf.attention_uncounted() else None
       cost = perf.StepCost.of(train_step, config.perf_peak_flops, flops)
       t0 = time.perf_counter()
     state, scalars = train_step(state, trainer.rest, batch)

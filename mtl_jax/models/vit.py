@@ -53,6 +53,10 @@ ATTENTION_IMPLEMENTATIONS = ('auto', 'xla', 'cudnn')
 _FORCED = contextvars.ContextVar('mtl_jax_vit_attention', default=None)
 
 
+def _requested(implementation: str) -> str:
+  return _FORCED.get() or implementation
+
+
 @contextlib.contextmanager
 def attention_implementation(name: str):
   """Traces every ViT attention inside the block with `name`, whatever the model was built with
@@ -66,7 +70,7 @@ def attention_implementation(name: str):
 
 def resolve_attention(implementation: str, dtype, head_dim: int, backend: str | None = None) -> str:
   """'cpu', 'xla' or 'cudnn': what `implementation` (or a forced one) means for these operands."""
-  implementation = _FORCED.get() or implementation
+  implementation = _requested(implementation)
   if implementation not in ATTENTION_IMPLEMENTATIONS:
     raise ConfigError(f'unknown config.model.backbone.attention {implementation!r}; known: '
                       f'{", ".join(ATTENTION_IMPLEMENTATIONS)}')
@@ -117,7 +121,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
     try:
       return jax.nn.dot_product_attention(q, k, v, implementation='cudnn')
     except (NotImplementedError, RuntimeError, ValueError) as e:  # checked while tracing
-      if (_FORCED.get() or implementation) == 'cudnn':
+      if _requested(implementation) == 'cudnn':
         raise
       logging.log_first_n(logging.WARNING, 'cuDNN attention unavailable (%s); using XLA', 1, e)
       how = 'xla'
