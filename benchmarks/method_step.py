@@ -2,6 +2,9 @@ r"""Step time of training methods and of the conflict-ratio measurement vs the d
 
   python benchmarks/method_step.py                       # MTLoRA r64 Swin-T 224^2, batch 4
   python benchmarks/method_step.py --methods=mtl,maml,pcgrad --crop=448 --batch_size=2
+  python benchmarks/method_step.py --methods=mtl,maml,maml:unroll --conflict=false
+
+`maml:unroll` is `method=maml` with `config.maml.loop=unroll` (the default is `scan`).
 
 One trainer per method on configs/mtlora_pascal.py (`--recipe`, default the fork's MAML trainable
 set `lora_only`, so every method trains the same leaves) in fp32 on one device, one batch of the
@@ -39,9 +42,12 @@ _DATA_DIR = flags.DEFINE_string('data_dir', os.path.join(tempfile.gettempdir(), 
                                 'TFDS data dir for synthetic_scenes/tiny.')
 
 
-def _config(method: str):
+def _config(name: str):
+  method, _, loop = name.partition(':')
   c = mtlora_pascal.get_config(f'recipe={_RECIPE.value}')
   c.update(method=method, batch_size=_BATCH.value)
+  if loop:
+    c.maml.loop = loop
   c.model.dtype = 'float32'
   c.input.crop_size = (_CROP.value, _CROP.value)
   c.dataset.update(name='synthetic_scenes/tiny', data_dir=_DATA_DIR.value, build_if_missing=True)

@@ -76,7 +76,10 @@ def get_config() -> ml_collections.ConfigDict:
   # 'dwa' | 'pcgrad' | 'famo' (task weighting and gradient surgery). Their keys:
   c.method = 'mtl'
   c.maml = ml_collections.ConfigDict(dict(  # maml, metasgd, taml, reptile (the fork's defaults)
-      inner_steps=1, inner_lr=1e-3, first_order=True))
+      inner_steps=1, inner_lr=1e-3, first_order=True,
+      # 'scan': one compiled task pass in a lax.scan over tasks; 'unroll': a Python loop (T
+      # passes in the program, slow to compile). The same function (mtl_jax/methods/maml.py).
+      loop='scan'))
   c.metasgd = ml_collections.ConfigDict(dict(init=1e-3))  # initial inner learning rates
   c.taml = ml_collections.ConfigDict(dict(lam=0.0, in_gradient=False))  # spread regulariser
   c.uncertainty = ml_collections.ConfigDict(dict(init=-0.5))  # initial log variances s_t

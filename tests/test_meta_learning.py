@@ -19,6 +19,7 @@ from mtl_jax import sharding
 from mtl_jax import train
 
 TASKS = ('semseg', 'sal')
+PASCAL = ('semseg', 'human_parts', 'sal', 'normals')
 
 
 def _config(tfds_dir, method, **maml):
@@ -205,3 +206,41 @@ def test_a_task_pass_computes_only_that_tasks_path(tfds_dir, tmp_path):
   alone, _ = costs[('semseg',)]
   assert one_of_two == pytest.approx(alone, rel=0.02), costs
   assert all_of_two > 1.1 * one_of_two, costs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('method,symmetric', [('maml', True), ('maml', False), ('metasgd', True)])
+def test_scan_over_tasks_equals_the_unrolled_loop(tfds_dir, tmp_path, monkeypatch, method,
+                                                  symmetric):
+  """config.maml.loop='scan' computes the meta-gradient, the inner-rate gradient, the scalars and
+  the BatchNorm statistics of 'unroll' (the literal loop), on the four PASCAL tasks with every
+  part trainable (heads and downsamplers with BatchNorm, TS-LoRA selected into the first task's
+  places). symmetric=False forces the path of models whose task maps are not named by task
+  (MLoRE, dynamic ProMLoRA): every task's maps computed, task t's read."""
+  from mtl_jax.methods import maml as maml_lib  # pylint: disable=g-import-not-at-top
+  if not symmetric:
+    monkeypatch.setattr(maml_lib.multitask, 'tasks_symmetric', lambda model: False)
+  out = {}
+  for loop in ('unroll', 'scan'):
+    config = _config(tfds_dir, method)
+    config.tasks = ','.join(PASCAL)
+    config.frozen = ()  # heads, downsamplers, norms too
+    config.maml.loop = loop
+    trainer, state, batch = _setup(config, tmp_path / loop)
+    _, grads, lr_grads, scalars, stats, _ = jax.jit(trainer.method.meta_gradients)(
+        state, trainer.rest, batch)
+    out[loop] = jax.device_get((grads, lr_grads, scalars, stats))
+    initial = jax.device_get(state.batch_stats)
+  (g0, lr0, s0, st0), (g1, lr1, s1, st1) = out['unroll'], out['scan']
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(g0))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-5 * scale),
+               g0, g1)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7), st0, st1)
+  assert s0.keys() == s1.keys()
+  for k in s0:
+    np.testing.assert_allclose(s1[k], s0[k], rtol=1e-5, err_msg=k)
+  if method == 'metasgd':
+    assert set(lr0) == {'shared', *PASCAL}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4), lr0, lr1)
+  moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), initial, st0))
+  assert all(moved)  # every task's pass updated its own head's statistics

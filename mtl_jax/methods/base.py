@@ -48,14 +48,22 @@ class Method:
     `step_key(state)`); batch_stats are the BatchNorm statistics after this batch, starting from
     `batch_stats` (default `state.batch_stats`).
     """
+    model = self.bind(state, rest, params, key, batch_stats)
+    preds, aux = model(images)
+    return preds, aux, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+  def bind(self, state, rest, params: dict, key: jax.Array | None = None,
+           batch_stats: dict | None = None, frozen: dict | None = None) -> nnx.Module:
+    """The train-mode model with `params`, `frozen` (default `state.frozen`) and `batch_stats`,
+    its RNG streams seeded from `key` (as `forward`)."""
     stats = state.batch_stats if batch_stats is None else batch_stats
-    model = nnx.merge(self.trainer.train_graph, params, state.frozen, stats, rest)
+    frozen = state.frozen if frozen is None else frozen
+    model = nnx.merge(self.trainer.train_graph, params, frozen, stats, rest)
     streams = self.trainer.rng_streams
     if streams:
       key = self.step_key(state) if key is None else key
       nnx.reseed(model, **{s: jax.random.fold_in(key, i) for i, s in enumerate(streams)})
-    preds, aux = model(images)
-    return preds, aux, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    return model
 
   def losses(self, preds, batch, aux, tasks=None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(configured weighted total, unweighted per-task losses) of `tasks` (default: all)."""

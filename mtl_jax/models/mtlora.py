@@ -118,6 +118,8 @@ class HRNetDecoder(nnx.Module):
   """Per task: its maps (task stream, else shared) -> 1x1 conv per scale -> resize to scale 0,
   concat. Torch names: `downsampler.<task>.downsample_<i>` = `downsampler/<task>/<i>`."""
 
+  task_symmetric = True  # models/multitask.py
+
   def __init__(self, dims: Sequence[int], channels: Sequence[int], tasks: Sequence[str], *,
                dtype=jnp.float32, rngs: nnx.Rngs):
     if channels and len(channels) != len(dims):

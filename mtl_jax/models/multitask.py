@@ -13,6 +13,12 @@ which equals `head(resize_bilinear(map, s x))` and need not build the upsampled 
 
 `aux` carries extras for the losses (MLoRE puts its router gates there). `FuseDecoder` is the
 decoder of the "ViT multi-task baseline": one map shared by all tasks.
+
+A backbone or decoder sets `task_symmetric = True` when it computes every task's output by the
+same code from its shared leaves and the leaves named after that task (TS-LoRA `<task>` keys,
+per-task prompts, downsamplers): then task t's map equals the first task's map computed with t's
+leaves in the first task's places, which is how the meta-learning scan over tasks computes only
+one task's path per pass (`tasks_symmetric`, docs/methods.md §2).
 """
 
 from collections.abc import Mapping, Sequence
@@ -50,12 +56,28 @@ class ConvHead(nnx.Module):
     return self.linear_pred(layers.gelu(self.bn(y)))
 
 
+def tasks_symmetric(model) -> bool:
+  """Whether both the backbone and the decoder of `model` are `task_symmetric` (module
+  docstring)."""
+  return all(getattr(part, 'task_symmetric', False) for part in (model.backbone, model.decoder))
+
+
+def head_logits(head: nnx.Module, x: jax.Array, upsample: int, size: tuple[int, int]
+                ) -> jax.Array:
+  """`head` on the decoder map `x` (upsampled x `upsample` inside the head), float32, resized
+  bilinearly to the input `size`."""
+  logits = (head(x) if upsample == 1 else head(x, upsample=upsample)).astype(jnp.float32)
+  return layers.resize_bilinear(logits, size)
+
+
 class FuseDecoder(nnx.Module):
   """ViT multi-task baseline decoder: concat taps -> 1x1 conv to C -> x`upsample` bilinear.
 
   The same map goes to every task, returned before the upsampling (`head_upsample`, the
   heads apply it); aux is empty.
   """
+
+  task_symmetric = True
 
   def __init__(self, in_channels: Sequence[int], channels: int, tasks: Sequence[str],
                upsample: int = 1, *, dtype=jnp.float32, rngs: nnx.Rngs):
@@ -94,12 +116,7 @@ class MultiTaskModel(nnx.Module):
     self.heads = nnx.Dict(heads)
 
   def __call__(self, images: jax.Array) -> tuple[dict[str, jax.Array], dict]:
-    size = images.shape[1:3]
     task_features, aux = self.decoder(self.backbone(images))
     upsample = getattr(self.decoder, 'head_upsample', 1)
-    preds = {}
-    for task, head in self.heads.items():
-      x = task_features[task]
-      logits = (head(x) if upsample == 1 else head(x, upsample=upsample)).astype(jnp.float32)
-      preds[task] = layers.resize_bilinear(logits, size)
-    return preds, aux
+    return {task: head_logits(head, task_features[task], upsample, images.shape[1:3])
+            for task, head in self.heads.items()}, aux

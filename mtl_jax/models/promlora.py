@@ -99,6 +99,8 @@ class PromptedSwin(swin.SwinTransformer):
     self.prompt_embeddings = nnx.Dict({k: nnx.Param(init((1, tokens, embed_dim)))
                                        for k in self.keys})
     self.dynamic = pool_sizes is not None
+    # The gates stack every task on one axis, so a task's map is not its name's (multitask.py).
+    self.task_symmetric = not self.dynamic
     if self.dynamic:
       self.deep_prompt_pools = nnx.List([nnx.Param(init((n, k, d)))
                                          for n, k, d in zip(blocks, pool_sizes, dims)])

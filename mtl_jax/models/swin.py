@@ -319,6 +319,8 @@ class SwinTransformer(nnx.Module):
   input size is fixed at construction (the reference asserts it; masks depend on it).
   """
 
+  task_symmetric = True  # models/multitask.py: TS-LoRA leaves are keyed by task
+
   def __init__(self, img_size: tuple[int, int], *, patch_size: int = 4, embed_dim: int = 96,
                depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size: int = 7,
                mlp_ratio: float = 4.0, drop_path_rate: float = 0.2,

@@ -170,6 +170,8 @@ class ViT(nnx.Module):
   one with `build(config, tasks, rngs=rngs)`.
   """
 
+  task_symmetric = True  # models/multitask.py: no per-task leaves
+
   def __init__(self, img_size: tuple[int, int], patch_size: int, embed_dim: int, depth: int,
                num_heads: int, mlp_ratio: float = 4, taps: Sequence[int] = (3, 6, 9),
                drop_path_rate: float = 0.15, dtype=jnp.float32, remat: str = 'none',
