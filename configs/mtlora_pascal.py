@@ -22,6 +22,9 @@ decoders stay at their initialisation unless loaded (`recipe=mtlora` trains them
   (method=reptile | metasgd | taml likewise; --config.maml.inner_lr=0.001
   --config.maml.inner_steps=1 --config.taml.lam=0.1; any config: method=uncertainty | dwa |
   pcgrad | famo)
+  MAML runtime on the 2-core CPU (224², batch 4, 2026-12-07): compile 103 s, step 1.84x the
+  default step, with the default `config.maml.loop=scan` (the unrolled loop: 1,165 s compile;
+  benchmarks/RESULTS.md).
 
 Gradient-conflict ratio every 50 steps (the fork's TRAIN.ENABLE_CONFLICT_RATIO, written to
 WORKDIR/conflict_ratio.txt with this config's epochs): `--config.conflict.every_steps=50`.

@@ -125,6 +125,10 @@ def test_unknown_method_and_evaluator_are_config_errors(tfds_dir, tmp_path):
     train.Trainer(smoke_config(tfds_dir, method='gradnorm'), tmp_path)
   with pytest.raises(ConfigError, match="unknown config.evaluators entry 'fid'; known: .*metrics"):
     train.Trainer(smoke_config(tfds_dir, evaluators=('metrics', 'fid')), tmp_path)
+  config = smoke_config(tfds_dir, method='maml')
+  config.maml.loop = 'vmap'
+  with pytest.raises(ConfigError, match=r"config.maml.loop='vmap' is not one of .*--config.maml"):
+    train.Trainer(config, tmp_path)
   assert not any(tmp_path.iterdir()), 'bad input writes nothing'
 
 
