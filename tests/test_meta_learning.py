@@ -209,7 +209,8 @@ def test_a_task_pass_computes_only_that_tasks_path(tfds_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('method,symmetric', [('maml', True), ('maml', False), ('metasgd', True)])
+@pytest.mark.parametrize('method,symmetric', [('maml', True), ('maml', False), ('metasgd', True),
+                                              ('taml', True)])
 def test_scan_over_tasks_equals_the_unrolled_loop(tfds_dir, tmp_path, monkeypatch, method,
                                                   symmetric):
   """config.maml.loop='scan' computes the meta-gradient, the inner-rate gradient, the scalars and
@@ -220,16 +221,17 @@ def test_scan_over_tasks_equals_the_unrolled_loop(tfds_dir, tmp_path, monkeypatc
   from mtl_jax.methods import maml as maml_lib  # pylint: disable=g-import-not-at-top
   if not symmetric:
     monkeypatch.setattr(maml_lib.multitask, 'tasks_symmetric', lambda model: False)
-  out = {}
+  out, spreads = {}, {}
   for loop in ('unroll', 'scan'):
     config = _config(tfds_dir, method)
     config.tasks = ','.join(PASCAL)
     config.frozen = ()  # heads, downsamplers, norms too
     config.maml.loop = loop
     trainer, state, batch = _setup(config, tmp_path / loop)
-    _, grads, lr_grads, scalars, stats, _ = jax.jit(trainer.method.meta_gradients)(
+    _, grads, lr_grads, scalars, stats, adapted = jax.jit(trainer.method.meta_gradients)(
         state, trainer.rest, batch)
     out[loop] = jax.device_get((grads, lr_grads, scalars, stats))
+    spreads[loop] = float(trainer.method.spread(adapted)) if method == 'taml' else None
     initial = jax.device_get(state.batch_stats)
   (g0, lr0, s0, st0), (g1, lr1, s1, st1) = out['unroll'], out['scan']
   scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(g0))
@@ -242,5 +244,8 @@ def test_scan_over_tasks_equals_the_unrolled_loop(tfds_dir, tmp_path, monkeypatc
   if method == 'metasgd':
     assert set(lr0) == {'shared', *PASCAL}
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4), lr0, lr1)
+  if method == 'taml':  # every theta_t' comes back from the scan too (TAML's spread)
+    assert spreads['unroll'] > 0
+    np.testing.assert_allclose(spreads['scan'], spreads['unroll'], rtol=1e-4)
   moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.any(a != b)), initial, st0))
   assert all(moved)  # every task's pass updated its own head's statistics

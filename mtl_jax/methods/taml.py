@@ -27,6 +27,8 @@ from mtl_jax.methods import maml
 class TAML(maml.MAML):
   """MAML + the spread regulariser (module docstring)."""
 
+  keeps_adapted = True  # spread() reads every theta_t'
+
   def __init__(self, trainer):
     super().__init__(trainer)
     self.lam, self.in_gradient = float(self.config.taml.lam), bool(self.config.taml.in_gradient)
