@@ -118,10 +118,12 @@ def test_fo_maml_outer_step_equals_the_hand_computed_reference(tfds_dir, tmp_pat
 
 
 @pytest.mark.slow
-def test_reptile_update_equals_its_closed_form(tfds_dir, tmp_path):
+@pytest.mark.parametrize('loop', ['scan', 'unroll'])
+def test_reptile_update_equals_its_closed_form(tfds_dir, tmp_path, loop):
   """One inner step on the full batch: shared leaves theta - lr * alpha * mean_t g_t, task t's
-  own theta - lr * alpha * g_t (g_t = grad of w_t L_t at theta), no optimizer step."""
-  config = _config(tfds_dir, 'reptile', inner_lr=0.5, inner_steps=1)
+  own theta - lr * alpha * g_t (g_t = grad of w_t L_t at theta), no optimizer step; with the
+  tasks as a scan or a Python loop (config.maml.loop)."""
+  config = _config(tfds_dir, 'reptile', inner_lr=0.5, inner_steps=1, loop=loop)
   trainer, state, batch = _setup(config, tmp_path)
   grad_fn = jax.jit(jax.grad(functools.partial(_reference_loss, trainer, state)),
                     static_argnums=3)
@@ -143,6 +145,54 @@ def test_reptile_update_equals_its_closed_form(tfds_dir, tmp_path):
   assert max(jax.tree.leaves(moved)) > 1e-5
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(new_state.opt_state), opt_before)
   assert int(new_state.step) == 1 and np.isfinite(scalars['loss'])
+
+
+def _spread_reference(thetas: dict) -> jax.Array:
+  """(1/T) sum_t sum_i ||theta_t,i - mean_s theta_s,i||^2: shared leaves with themselves, task
+  t's TS-LoRA leaf with the other tasks' at the same place."""
+  lined_up = {}
+  for task, tree in thetas.items():
+    for key, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+      path = sharding.path_str(key)
+      if _task_of(path) in (None, task):
+        lined_up.setdefault('/'.join('*' if p == task else p for p in path.split('/')),
+                            []).append(leaf)
+  assert all(len(v) == len(thetas) for v in lined_up.values())
+  return sum(jnp.sum((jnp.stack(v) - jnp.mean(jnp.stack(v), axis=0)) ** 2)
+             for v in lined_up.values()) / len(thetas)
+
+
+@pytest.mark.slow
+def test_taml_in_gradient_adds_the_second_order_gradient_of_the_spread(tfds_dir, tmp_path):
+  """config.taml.in_gradient: the update is the optimizer's step on the FO-MAML meta-gradient
+  plus jax.grad of lam * spread(theta_t'(theta)) differentiated through the inner step, written
+  here from the plain loop; the logged spread and loss are the reference's. (The scan, the
+  default loop; 'unroll' runs the same body, checked for Reptile and MAML.)"""
+  lam, inner_lr = 0.2, 0.5
+  config = _config(tfds_dir, 'taml', inner_lr=inner_lr, inner_steps=1)
+  config.taml.update(lam=lam, in_gradient=True)
+  trainer, state, batch = _setup(config, tmp_path)
+  support = jax.tree.map(lambda x: x[:batch['image'].shape[0] // 2], batch)
+  loss = functools.partial(_reference_loss, trainer, state)
+
+  def spread(params):
+    return _spread_reference({t: _sgd(params, jax.grad(loss)(params, support['image'], support, t),
+                                      inner_lr, t) for t in TASKS})
+
+  want_loss, meta_grad = _fo_maml_reference(trainer, state, batch, inner_lr, 1)
+  want_spread, spread_grad = jax.jit(jax.value_and_grad(spread))(state.params)
+  want_grad = jax.tree.map(lambda a, b: a + lam * b, meta_grad, spread_grad)
+  ratio = optax.global_norm(spread_grad) * lam / optax.global_norm(meta_grad)
+  assert 0.1 < float(ratio) < 10, ratio  # both parts of the gradient matter here
+  updates, _ = trainer.tx.update(want_grad, state.opt_state, state.params)
+  want_params = jax.device_get(optax.apply_updates(state.params, updates))
+
+  new_state, scalars = trainer.train_step(state, trainer.rest, batch)
+  np.testing.assert_allclose(scalars['spread'], want_spread, rtol=1e-5)
+  np.testing.assert_allclose(scalars['loss'], want_loss + lam * want_spread, rtol=1e-5)
+  np.testing.assert_allclose(scalars['grad_norm'], optax.global_norm(want_grad), rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-7),
+               jax.device_get(new_state.params), want_params)
 
 
 @pytest.mark.slow
@@ -217,14 +267,15 @@ def test_scan_over_tasks_equals_the_unrolled_loop(tfds_dir, tmp_path, monkeypatc
   the BatchNorm statistics of 'unroll' (the literal loop), on the four PASCAL tasks with every
   part trainable (heads and downsamplers with BatchNorm, TS-LoRA selected into the first task's
   places). symmetric=False forces the path of models whose task maps are not named by task
-  (MLoRE, dynamic ProMLoRA): every task's maps computed, task t's read."""
+  (MLoRE, dynamic ProMLoRA): every task's maps computed, task t's read. Meta-SGD (second order,
+  the costliest compile) runs on two tasks: what it adds is the rates' gradient."""
   from mtl_jax.methods import maml as maml_lib  # pylint: disable=g-import-not-at-top
   if not symmetric:
     monkeypatch.setattr(maml_lib.multitask, 'tasks_symmetric', lambda model: False)
-  out, spreads = {}, {}
+  out, spreads, tasks = {}, {}, TASKS if method == 'metasgd' else PASCAL
   for loop in ('unroll', 'scan'):
     config = _config(tfds_dir, method)
-    config.tasks = ','.join(PASCAL)
+    config.tasks = ','.join(tasks)
     config.frozen = ()  # heads, downsamplers, norms too
     config.maml.loop = loop
     trainer, state, batch = _setup(config, tmp_path / loop)
@@ -242,7 +293,7 @@ def test_scan_over_tasks_equals_the_unrolled_loop(tfds_dir, tmp_path, monkeypatc
   for k in s0:
     np.testing.assert_allclose(s1[k], s0[k], rtol=1e-5, err_msg=k)
   if method == 'metasgd':
-    assert set(lr0) == {'shared', *PASCAL}
+    assert set(lr0) == {'shared', *tasks}
     jax.tree.map(lambda a, b: np.testing.assert_allclose(b, a, rtol=1e-4), lr0, lr1)
   if method == 'taml':  # every theta_t' comes back from the scan too (TAML's spread)
     assert spreads['unroll'] > 0

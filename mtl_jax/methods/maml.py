@@ -25,7 +25,7 @@ prompts, downsamplers, also frozen ones and BatchNorm statistics) are selected i
 task's places and only that map is read, so one task's path is computed per pass, as unrolled.
 Other models (MLoRE, dynamic ProMLoRA) compute every task's maps in each pass and read task t's.
 'unroll' is the literal per-task Python loop; tests/test_meta_learning.py checks both agree.
-Reptile and TAML's `in_gradient` regulariser still loop over tasks in Python.
+Reptile and TAML's `in_gradient` regulariser loop over tasks the same way (`over_tasks`).
 The fork's trainable set (LoRA only) is a config choice (`recipe=lora_only` of
 configs/mtlora_pascal.py); other recipes adapt and train the decoders too.
 
@@ -216,42 +216,47 @@ class MAML(methods.Method):
       g_lr = None
     return q_loss, unweighted, s_loss[0], stats, p_t, g, g_lr
 
+  def over_tasks(self, body, carry, key):
+    """`body(carry, task, key_t) -> (carry, row)` for every task in config order (key_t =
+    fold_in(key, t's position)), with t a name ('unroll': a Python loop) or a traced index
+    ('scan': one `lax.scan` body) -> (carry, the rows stacked along a leading task axis)."""
+    if self.loop == 'unroll':
+      rows = []
+      for i, task in enumerate(self.task_names):
+        carry, row = body(carry, task, jax.random.fold_in(key, i))
+        rows.append(row)
+      return carry, jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+    return jax.lax.scan(lambda c, i: body(c, i, jax.random.fold_in(key, i)), carry,
+                        jnp.arange(len(self.task_names)))
+
+  def unstack(self, stacked) -> dict | None:
+    """Rows stacked by `over_tasks` -> {task: row}."""
+    return None if stacked is None else {
+        t: jax.tree.map(lambda x, k=k: x[k], stacked) for k, t in enumerate(self.task_names)}
+
   def meta_gradients(self, state, rest, batch):
     """The loop over tasks (`config.maml.loop`) -> (meta-loss, meta-gradient, gradient of the
     inner learning rates or None, scalars, batch_stats, {task: theta_t'} or None)."""
     support, query = (self.shard_rows(b) for b in split_support_query(batch))
-    key, params, lrs = self.step_key(state), state.params, self.inner_lrs(state)
-    names, num = self.task_names, len(self.task_names)
+    params, lrs, num = state.params, self.inner_lrs(state), len(self.task_names)
     add = lambda a, b: None if b is None else jax.tree.map(jnp.add, a, b)
-    if self.loop == 'unroll':
-      stats, grads, lr_grads, rows = state.batch_stats, None, None, []
-      for i, task in enumerate(names):
-        q_loss, unweighted, s_loss, stats, p_t, g, g_lr = self.task_meta_gradient(
-            state, rest, params, support, query, task, jax.random.fold_in(key, i), stats, lrs)
-        grads = g if grads is None else add(grads, g)
-        lr_grads = g_lr if lr_grads is None else add(lr_grads, g_lr)
-        rows.append((q_loss, s_loss, unweighted, p_t))
-      q_losses, s_losses, unweighted = (jnp.stack([r[k] for r in rows]) for k in range(3))
-      adapted = {t: r[3] for t, r in zip(names, rows)}
-    else:
-      def body(carry, index):
-        grads, lr_grads, stats = carry
-        q_loss, unweighted, s_loss, stats, p_t, g, g_lr = self.task_meta_gradient(
-            state, rest, params, support, query, index, jax.random.fold_in(key, index), stats,
-            lrs)
-        return (add(grads, g), add(lr_grads, g_lr), stats), (
-            q_loss, s_loss, unweighted, p_t if self.keeps_adapted else None)
-      zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
-      init = (zeros(params), zeros(lrs) if self.learn_inner_lrs else None, state.batch_stats)
-      (grads, lr_grads, stats), (q_losses, s_losses, unweighted, stacked) = jax.lax.scan(
-          body, init, jnp.arange(num))
-      adapted = None if stacked is None else {
-          t: jax.tree.map(lambda x, k=k: x[k], stacked) for k, t in enumerate(names)}
+
+    def body(carry, task, key):
+      grads, lr_grads, stats = carry
+      q_loss, unweighted, s_loss, stats, p_t, g, g_lr = self.task_meta_gradient(
+          state, rest, params, support, query, task, key, stats, lrs)
+      return (add(grads, g), add(lr_grads, g_lr), stats), (
+          q_loss, s_loss, unweighted, p_t if self.keeps_adapted else None)
+
+    zeros = lambda tree: jax.tree.map(jnp.zeros_like, tree)
+    init = (zeros(params), zeros(lrs) if self.learn_inner_lrs else None, state.batch_stats)
+    (grads, lr_grads, stats), (q_losses, s_losses, unweighted, stacked) = self.over_tasks(
+        body, init, self.step_key(state))
     scale = lambda tree: None if tree is None else jax.tree.map(lambda g: g / num, tree)
     meta_loss = jnp.sum(q_losses) / num
     scalars = {'loss': meta_loss, 'support_loss': jnp.sum(s_losses) / num,
-               **{f'{t}_loss': unweighted[k] for k, t in enumerate(names)}}
-    return meta_loss, scale(grads), scale(lr_grads), scalars, stats, adapted
+               **{f'{t}_loss': unweighted[k] for k, t in enumerate(self.task_names)}}
+    return meta_loss, scale(grads), scale(lr_grads), scalars, stats, self.unstack(stacked)
 
   def train_step(self, state, rest, batch):
     _, grads, _, scalars, stats, _ = self.meta_gradients(state, rest, batch)

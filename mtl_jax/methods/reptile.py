@@ -11,6 +11,8 @@ own) to theta_t'. Then, with lr = the schedule's current learning rate (no optim
 The optimizer state is left as it is (a Reptile run has no optimizer step, no clipping, no weight
 decay). Logs loss (as the fork: the mean over tasks of w_t L_t at theta_t', one more forward pass
 per task), <task>_loss (unweighted, at theta_t'), learning_rate, step_norm (of the update).
+The loop over tasks is MAML's (`config.maml.loop`, mtl_jax/methods/maml.py): a `lax.scan` over
+task indices by default.
 """
 
 import jax
@@ -26,28 +28,26 @@ class Reptile(maml.MAML):
   """Reptile over tasks (module docstring); reuses MAML's inner loop."""
 
   def train_step(self, state, rest, batch):
-    key, stats, params = self.step_key(state), state.batch_stats, state.params
-    owners = self.owners(params)
-    lr = self.schedule(state.step)
-    shared_delta = jax.tree.map(jnp.zeros_like, params)
-    new, losses, per_task = params, [], {}
-    for i, task in enumerate(self.task_names):
-      k_in, k_out = jax.random.split(jax.random.fold_in(key, i))
+    params, owners, lr = state.params, self.owners(state.params), self.schedule(state.step)
+
+    def body(carry, task, key):
+      deltas, stats = carry
+      k_in, k_out = jax.random.split(key)
       adapted, _, stats = self.adapt(state, rest, params, batch, task, k_in, stats, self.inner_lr)
-      loss, (unweighted, _) = self.task_loss(state, rest, jax.lax.stop_gradient(adapted), batch,
-                                             task, k_out, stats)
-      delta = jax.tree.map(jnp.subtract, adapted, params)
-      shared_delta = jax.tree.map(lambda s, d, o: s + d if o == '' else s, shared_delta, delta,
-                                  owners)
-      new = jax.tree.map(lambda n, d, o, task=task: n + lr * d if o == task else n, new, delta,
-                         owners)
-      losses.append(loss)
-      per_task[task] = unweighted
+      loss, (unweighted, _) = self.loss_of(task)(
+          state, rest, jax.lax.stop_gradient(adapted), batch, task, k_out, stats)
+      # theta_t' - theta is exactly 0 on the other tasks' own leaves (adapt leaves them as they
+      # are), so the sum over tasks holds each task's own delta and the shared deltas' sum.
+      deltas = jax.tree.map(lambda s, a, p: s + (a - p), deltas, adapted, params)
+      return (deltas, stats), (loss, unweighted)
+
+    init = (jax.tree.map(jnp.zeros_like, params), state.batch_stats)
+    (deltas, stats), (losses, unweighted) = self.over_tasks(body, init, self.step_key(state))
     num = len(self.task_names)
-    new = jax.tree.map(lambda n, s, o: n + lr * s / num if o == '' else n, new, shared_delta,
-                       owners)
+    new = jax.tree.map(lambda p, d, o: p + lr * d / num if o == '' else p + lr * d, params,
+                       deltas, owners)
     step = jax.tree.map(jnp.subtract, new, params)
     state = state.replace(step=state.step + 1, params=new, batch_stats=stats)
-    return state, {'loss': sum(losses) / num, 'learning_rate': lr,
+    return state, {'loss': jnp.sum(losses) / num, 'learning_rate': lr,
                    'step_norm': optax.global_norm(step),
-                   **{f'{t}_loss': v for t, v in per_task.items()}}
+                   **{f'{t}_loss': unweighted[k] for k, t in enumerate(self.task_names)}}

@@ -56,13 +56,13 @@ class TAML(maml.MAML):
     if self.in_gradient and self.lam:
       support, _ = (self.shard_rows(b) for b in maml.split_support_query(batch))
       def regulariser(params):
-        key = self.step_key(state)
-        thetas = {}
-        for i, task in enumerate(self.task_names):
-          k_in, _ = jax.random.split(jax.random.fold_in(key, i))
-          thetas[task], _, _ = self.adapt(state, rest, params, support, task, k_in,
-                                          state.batch_stats, self.inner_lr)
-        return self.lam * self.spread(thetas)
+        def body(carry, task, key):
+          k_in, _ = jax.random.split(key)
+          theta, _, _ = self.adapt(state, rest, params, support, task, k_in, state.batch_stats,
+                                   self.inner_lr)
+          return carry, theta
+        _, thetas = self.over_tasks(body, None, self.step_key(state))
+        return self.lam * self.spread(self.unstack(thetas))
       reg_grads = jax.grad(regulariser)(state.params)
       grads = jax.tree.map(jnp.add, grads, reg_grads)
     state, opt_scalars = self.apply_gradients(state, grads, batch_stats=stats)
