@@ -24,7 +24,7 @@ decoders stay at their initialisation unless loaded (`recipe=mtlora` trains them
   pcgrad | famo)
   MAML runtime on the 2-core CPU (224², batch 4, 2026-12-07): compile 103 s, step 1.84x the
   default step, with the default `config.maml.loop=scan` (the unrolled loop: 1,165 s compile;
-  benchmarks/RESULTS.md).
+  benchmarks/RESULTS.md); Reptile: compile 131 s, step 3.44x the default step.
 
 Gradient-conflict ratio every 50 steps (the fork's TRAIN.ENABLE_CONFLICT_RATIO, written to
 WORKDIR/conflict_ratio.txt with this config's epochs): `--config.conflict.every_steps=50`.
