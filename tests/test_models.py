@@ -502,3 +502,56 @@ def test_gelu_is_torch_exact_gelu():
                              jax.grad(lambda x: jax.nn.gelu(x, approximate=False).sum())(x),
                              rtol=0, atol=2e-6)
   assert layers.gelu(jnp.ones(3, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def _swap_tasks(tree: dict, a: str, b: str) -> dict:
+  """`tree` (a pure state dict) with the backbone/decoder leaves under key `a` and key `b`
+  exchanged (TS-LoRA `<task>` keys, per-task prompts and downsamplers)."""
+  if not isinstance(tree, dict):
+    return tree
+  out = {k: _swap_tasks(v, a, b) for k, v in tree.items()}
+  if a in out and b in out:
+    out[a], out[b] = out[b], out[a]
+  return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('recipe,arg,symmetric', [
+    ('mtlora_pascal', 'smoke', True), ('promlora_pascal', 'smoke', True),
+    ('swin_pascal', 'smoke', True), ('demo', 'smoke,model=vit_baseline', True),
+    ('promlora_pascal', 'smoke,dynamic', False), ('demo', 'smoke', False)])
+def test_task_symmetric_models_swap_maps_when_two_tasks_own_leaves_swap(recipe, arg, symmetric):
+  """The `task_symmetric` declaration (models/multitask.py; the meta-learning scan relies on it,
+  docs/methods.md §2) holds: exchanging two tasks' own backbone/decoder leaves exchanges their
+  decoder maps, every weight randomised so that the tasks' maps differ. It does not hold for
+  the models that do not declare it (MLoRE's stacked routers, dynamic prompt pools' gates)."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  config = importlib.import_module(f'configs.{recipe}').get_config(arg)
+  tasks = tasks_lib.config_tasks(config)
+  model = build_model(config, tasks, rngs=nnx.Rngs(0))
+  model.eval()
+  assert multitask.tasks_symmetric(model) is symmetric
+  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  state = treedef.unflatten([x + 0.2 * jax.random.normal(k, x.shape, x.dtype)
+                             for x, k in zip(leaves, keys)])
+  nnx.update(model, state)
+  images = jax.random.normal(jax.random.key(2), (2, *config.input.crop_size, 3))
+  forward = nnx.jit(lambda m, x: m.decoder(m.backbone(x))[0])
+  before = jax.device_get(forward(model, images))
+  a, b = list(tasks)[:2]
+  swapped = {k: v if k == 'heads' else _swap_tasks(v, a, b) for k, v in state.items()}
+  if jax.tree.structure(swapped) == jax.tree.structure(state) and all(
+      x is y for x, y in zip(jax.tree.leaves(swapped), jax.tree.leaves(state))):
+    assert symmetric  # no task-owned leaves (the ViT baseline): one map for every task
+    jax.tree.map(lambda m: np.testing.assert_array_equal(m, before[a]), before)
+    return
+  assert np.max(np.abs(before[a] - before[b])) > 1e-3  # the tasks' maps differ
+  nnx.update(model, swapped)
+  after = jax.device_get(forward(model, images))
+  assert symmetric == np.allclose(after[a], before[b], rtol=1e-5, atol=1e-5)
+  if symmetric:
+    np.testing.assert_allclose(after[b], before[a], rtol=1e-5, atol=1e-5)
+    for t in list(tasks)[2:]:
+      np.testing.assert_allclose(after[t], before[t], rtol=1e-5, atol=1e-5)
