@@ -115,8 +115,10 @@ def placement(config, tasks: Sequence[str], depths: Sequence[int]) -> MTLoRAPlac
 # -- decoder (docs/mtlora.md §3) ------------------------------------------------------------------
 
 class HRNetDecoder(nnx.Module):
-  """Per task: its maps (task stream, else shared) -> 1x1 conv per scale -> resize to scale 0,
-  concat. Torch names: `downsampler.<task>.downsample_<i>` = `downsampler/<task>/<i>`."""
+  """Per task: its maps (task stream, else shared) -> 1x1 conv per scale. Returns each task's
+  per-scale maps, not yet resized to scale 0 and concatenated: HRNetHead does that inside its
+  first conv (docs/stack.md §14). Torch names: `downsampler.<task>.downsample_<i>` =
+  `downsampler/<task>/<i>`."""
 
   task_symmetric = True  # models/multitask.py
 
@@ -137,21 +139,42 @@ class HRNetDecoder(nnx.Module):
       maps = features.for_task(task)
       if self.downsampler is not None:
         maps = [conv(m) for conv, m in zip(self.downsampler[task], maps)]
-      size = maps[0].shape[1:3]
-      out[task] = jnp.concatenate([layers.resize_bilinear(m, size) for m in maps], axis=-1)
+      out[task] = tuple(maps)
     return out, {}
 
 
 class HRNetHead(nnx.Module):
-  """1x1 conv C -> 4C, BatchNorm, ReLU, 1x1 conv 4C -> K (torch `last_layer.{0,1,3}`)."""
+  """1x1 conv C -> 4C, BatchNorm, ReLU, 1x1 conv 4C -> K (torch `last_layer.{0,1,3}`) on the
+  concatenation of the per-scale maps resized to the first one's size.
+
+  Called on HRNetDecoder's maps, the first conv multiplies each map by its rows of the kernel at
+  the map's own resolution and resizes the products: resizing and a 1x1 conv commute, so this is
+  the conv of the concatenation with s² fewer products for a map upsampled x s (docs/stack.md
+  §14). Called on one (concatenated) map, it is the plain head.
+  """
 
   def __init__(self, in_ch: int, num_outputs: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
     self.conv1 = layers.conv(in_ch, 4 * in_ch, 1, dtype=dtype, rngs=rngs)
     self.bn = layers.BatchNorm(4 * in_ch)
     self.conv2 = layers.conv(4 * in_ch, num_outputs, 1, dtype=dtype, rngs=rngs)
+    self.dtype = dtype
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.conv2(jax.nn.relu(self.bn(self.conv1(x))))
+  def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
+    return self.conv2(jax.nn.relu(self.bn(self.first_conv(x))))
+
+  def first_conv(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
+    """conv1(concat([resize_bilinear(m, size of x[0]) for m in x])), or conv1(x) for one map."""
+    if not isinstance(x, (tuple, list)):
+      return self.conv1(x)
+    kernel = self.conv1.kernel[...][0, 0].astype(self.dtype)  # (sum of channels, 4C)
+    size, out, start = x[0].shape[1:3], None, 0
+    for m in x:
+      part = layers.matmul(m.astype(self.dtype), kernel[start:start + m.shape[-1]])
+      part = layers.resize_bilinear(part, size)
+      out, start = part if out is None else out + part, start + m.shape[-1]
+    if start != kernel.shape[0]:
+      raise ValueError(f'maps with {start} channels for a head of {kernel.shape[0]}')
+    return out + self.conv1.bias[...].astype(self.dtype)
 
 
 # -- model -----------------------------------------------------------------------------------------
