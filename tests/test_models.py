@@ -538,8 +538,11 @@ def test_task_symmetric_models_swap_maps_when_two_tasks_own_leaves_swap(recipe, 
                              for x, k in zip(leaves, keys)])
   nnx.update(model, state)
   images = jax.random.normal(jax.random.key(2), (2, *config.input.crop_size, 3))
-  forward = nnx.jit(lambda m, x: m.decoder(m.backbone(x))[0])
-  before = jax.device_get(forward(model, images))
+  decode = nnx.jit(lambda m, x: m.decoder(m.backbone(x))[0])
+  # Each task's map (or per-scale maps, HRNetDecoder) as one vector.
+  forward = lambda m, x: {t: np.concatenate([np.ravel(y) for y in jax.tree.leaves(v)])
+                          for t, v in jax.device_get(decode(m, x)).items()}
+  before = forward(model, images)
   a, b = list(tasks)[:2]
   swapped = {k: v if k == 'heads' else _swap_tasks(v, a, b) for k, v in state.items()}
   if all(x is y for x, y in zip(jax.tree.leaves(swapped), jax.tree.leaves(state))):
@@ -548,7 +551,7 @@ def test_task_symmetric_models_swap_maps_when_two_tasks_own_leaves_swap(recipe, 
     return
   assert np.max(np.abs(before[a] - before[b])) > 1e-3  # the tasks' maps differ
   nnx.update(model, swapped)
-  after = jax.device_get(forward(model, images))
+  after = forward(model, images)
   assert symmetric == np.allclose(after[a], before[b], rtol=1e-5, atol=1e-5)
   if symmetric:
     np.testing.assert_allclose(after[b], before[a], rtol=1e-5, atol=1e-5)

@@ -20,6 +20,7 @@ from configs import swin_pascal
 from mtl_jax import models
 from mtl_jax import optim
 from mtl_jax import tasks as tasks_lib
+from mtl_jax.models import layers
 from mtl_jax.models import lora
 from mtl_jax.models import mtlora
 from mtl_jax.tools import params
@@ -98,6 +99,34 @@ def _lora_paths(config):
   model = nnx.eval_shape(lambda: models.build_model(config, tasks, rngs=nnx.Rngs(0)))
   return {'/'.join(map(str, p)) for p, v in nnx.iter_graph(model)
           if isinstance(v, nnx.Param) and 'lora_' in '/'.join(map(str, p))}
+
+
+def test_hrnet_head_on_per_scale_maps_equals_it_on_their_resized_concatenation():
+  """HRNetHead on the decoder's per-scale maps (its first conv at each map's resolution, products
+  resized: docs/stack.md §14) is the head on the maps resized to the first one's size and
+  concatenated, as the reference computes it: values and gradients of maps and kernel."""
+  keys = jax.random.split(jax.random.key(0), 4)
+  maps = tuple(jax.random.normal(k, (2, 16 // 2 ** i, 12 // 2 ** i, c))
+               for i, (k, c) in enumerate(zip(keys, (3, 4, 5, 6))))
+  head = mtlora.HRNetHead(18, 7, rngs=nnx.Rngs(1))
+  head.eval()  # BatchNorm on its running statistics: a function of the conv output alone
+
+  def concatenated(head, maps):
+    return head(jnp.concatenate([layers.resize_bilinear(m, maps[0].shape[1:3]) for m in maps], -1))
+
+  def loss(f):
+    return lambda head, maps: jnp.sum(jnp.sin(f(head, maps)))
+
+  per_scale = lambda head, maps: head(maps)
+  np.testing.assert_allclose(per_scale(head, maps), concatenated(head, maps), rtol=1e-5,
+                             atol=1e-6)
+  got = nnx.grad(loss(per_scale), argnums=(0, 1))(head, maps)
+  want = nnx.grad(loss(concatenated), argnums=(0, 1))(head, maps)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+  assert float(jnp.abs(got[0]['conv1']['kernel']).min()) > 0  # every row of the kernel is reached
+  with pytest.raises(ValueError, match='17 channels for a head of 18'):
+    head(maps[:1] + (maps[1][..., :3],) + maps[2:])
 
 
 def test_placement_table():

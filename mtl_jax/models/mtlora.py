@@ -3,7 +3,8 @@
 Model = Swin backbone (swin.py) -> per task: its 4 multi-scale maps (the task streams of MTLoRA,
 else the shared maps) -> 1x1 conv per scale without bias ("downsampler") -> bilinear to the
 scale-0 size, concat -> HRNet head (1x1 conv C -> 4C, BatchNorm, ReLU, 1x1 conv 4C -> K) ->
-bilinear to the input size (`MultiTaskModel`).
+bilinear to the input size (`MultiTaskModel`). The resize and concat happen inside the head's
+first conv (`HRNetHead`, docs/stack.md §14).
 
 * `build_backbone` (MTLoRA: `MTLoRAPlacement`, MTLoRALinear per docs/mtlora.md §2.1; the plain
   'swin' model uses swin.build) and `build_decoder` (HRNetDecoder + heads on any backbone);
