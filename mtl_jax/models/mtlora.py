@@ -158,7 +158,6 @@ class HRNetHead(nnx.Module):
     self.conv1 = layers.conv(in_ch, 4 * in_ch, 1, dtype=dtype, rngs=rngs)
     self.bn = layers.BatchNorm(4 * in_ch)
     self.conv2 = layers.conv(4 * in_ch, num_outputs, 1, dtype=dtype, rngs=rngs)
-    self.dtype = dtype
 
   def __call__(self, x: jax.Array | Sequence[jax.Array]) -> jax.Array:
     return self.conv2(jax.nn.relu(self.bn(self.first_conv(x))))
@@ -167,15 +166,16 @@ class HRNetHead(nnx.Module):
     """conv1(concat([resize_bilinear(m, size of x[0]) for m in x])), or conv1(x) for one map."""
     if not isinstance(x, (tuple, list)):
       return self.conv1(x)
-    kernel = self.conv1.kernel[...][0, 0].astype(self.dtype)  # (sum of channels, 4C)
+    dtype = self.conv1.dtype
+    kernel = self.conv1.kernel[...][0, 0].astype(dtype)  # (sum of channels, 4C)
     size, out, start = x[0].shape[1:3], None, 0
     for m in x:
-      part = layers.matmul(m.astype(self.dtype), kernel[start:start + m.shape[-1]])
+      part = layers.matmul(m.astype(dtype), kernel[start:start + m.shape[-1]])
       part = layers.resize_bilinear(part, size)
       out, start = part if out is None else out + part, start + m.shape[-1]
     if start != kernel.shape[0]:
       raise ValueError(f'maps with {start} channels for a head of {kernel.shape[0]}')
-    return out + self.conv1.bias[...].astype(self.dtype)
+    return out + self.conv1.bias[...].astype(dtype)
 
 
 # -- model -----------------------------------------------------------------------------------------
