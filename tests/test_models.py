@@ -1,6 +1,7 @@
 """Tests of mtl_jax/models: ViT parity with the official MLoRE ViT, BatchNorm, resize, model API."""
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -490,6 +491,33 @@ def test_drop_path_keeps_nnx_dropout_masks():
   drop.eval()
   np.testing.assert_array_equal(drop(x), x)
   np.testing.assert_array_equal(layers.DropPath(0.0, rngs=nnx.Rngs(0))(x), x)
+
+
+def test_dropout_keeps_nnx_masks_and_hashes_once_per_call():
+  """layers.Dropout (the LoRA dropout) draws nnx.Dropout's masks, full-size and broadcast; in a
+  compiled gradient whose mask feeds a dot and an elementwise product, the mask's threefry hash
+  sits in one XLA computation, where nnx.Dropout's is duplicated into its consumers."""
+  x = jax.random.normal(jax.random.key(1), (16, 5, 7))
+  for dims in ((), (1,)):
+    ref = nnx.Dropout(0.3, broadcast_dims=dims, rngs=nnx.Rngs(dropout=3))
+    drop = layers.Dropout(0.3, broadcast_dims=dims, rngs=nnx.Rngs(dropout=3))
+    for _ in range(2):
+      np.testing.assert_array_equal(nnx.jit(lambda m, x: m(x))(drop, x), ref(x))
+
+  def hashing_computations(cls) -> int:
+    drop = cls(0.1, rngs=nnx.Rngs(dropout=0))
+
+    def loss(a, x, key):
+      xd = drop(x, deterministic=False, rngs=key)
+      return jnp.sum(jnp.tanh(xd @ a)) + jnp.sum(xd * x)
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+        jnp.ones((32, 8)), jnp.ones((64, 32)), jax.random.key(0)).compile().as_text()
+    bodies = re.split(r'\n(?=\S)', hlo)  # one HLO computation per top-level block
+    return sum('xor(' in b for b in bodies if not b.startswith('ENTRY'))
+
+  assert hashing_computations(layers.Dropout) == 1
+  assert hashing_computations(nnx.Dropout) > 1
 
 
 def test_gelu_is_torch_exact_gelu():

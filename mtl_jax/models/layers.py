@@ -199,30 +199,43 @@ def conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
                  preferred_element_type=preferred_element_type)
 
 
-class DropPath(nnx.Dropout):
-  """Stochastic depth (timm DropPath): nnx.Dropout with one draw per sample, stream 'dropout'.
+class Dropout(nnx.Dropout):
+  """nnx.Dropout (stream 'dropout') whose mask is computed once per call.
 
-  The same key, mask bits and `select(mask, x / keep, 0)` as `nnx.Dropout(rate,
-  broadcast_dims=<all but the batch axis>)`. Only the (B, 1, ..., 1) mask passes through an exact
-  `sqrt` of its 0/1 values first: XLA counts sqrt as expensive and does not fuse an expensive
-  producer into a consumer that reuses its elements (the broadcast), so the mask is computed once.
-  Without it XLA:CPU fused the mask's threefry hash into the elementwise loop over the whole
-  activation and recomputed it for every element, ~0.6 s of a 7 s Swin-T train step
-  (`optimization_barrier` does not help: XLA:CPU removes it before fusion; docs/stack.md §12).
+  The same key, mask bits and `select(mask, x / keep, 0)` as `nnx.Dropout(rate, broadcast_dims)`.
+  Only the mask passes through an exact `sqrt` of its 0/1 values first: XLA counts sqrt as
+  expensive and neither duplicates an expensive producer into several consumers nor fuses it into
+  one that reuses its elements (a broadcast), so the mask's threefry hash runs once. Without it
+  XLA:CPU fused the hash into every consumer of the mask: into the elementwise loop over the whole
+  activation for a per-sample drop-path mask (~0.6 s of a 7 s Swin-T train step), and into the
+  forward select, the backward select and the LoRA-A weight-gradient operand of each LoRA dropout
+  (~3.7 times per mask; `optimization_barrier` does not help: XLA:CPU removes it before fusion;
+  docs/stack.md §12). The price is one float32 mask per call kept for the backward.
   """
 
-  def __init__(self, rate: float, *, rngs: nnx.Rngs):
-    super().__init__(rate, rngs=rngs)
+  def _mask_shape(self, inputs: jax.Array) -> tuple[int, ...]:
+    return tuple(1 if d in self.broadcast_dims else n for d, n in enumerate(inputs.shape))
 
   def __call__(self, inputs: jax.Array, *, deterministic: bool | None = None,
                rngs=None) -> jax.Array:
     off = self.deterministic if deterministic is None else deterministic
     if off or self.rate == 0.0:
       return inputs
-    ones = jnp.ones((inputs.shape[0],) + (1,) * (inputs.ndim - 1), jnp.float32)
+    ones = jnp.ones(self._mask_shape(inputs), jnp.float32)
     mask = jnp.sqrt(super().__call__(ones, deterministic=False, rngs=rngs)) > 0
     return jax.lax.select(jnp.broadcast_to(mask, inputs.shape), inputs / (1.0 - self.rate),
                           jnp.zeros_like(inputs))
+
+
+class DropPath(Dropout):
+  """Stochastic depth (timm DropPath): `Dropout` with one draw per sample, i.e. the masks of
+  `nnx.Dropout(rate, broadcast_dims=<all but the batch axis>)`."""
+
+  def __init__(self, rate: float, *, rngs: nnx.Rngs):
+    super().__init__(rate, rngs=rngs)
+
+  def _mask_shape(self, inputs: jax.Array) -> tuple[int, ...]:
+    return (inputs.shape[0],) + (1,) * (inputs.ndim - 1)
 
 
 class BatchNorm(nnx.Module):

@@ -65,7 +65,7 @@ class MTLoRALinear(nnx.Module):
                                       for t, r in task_ranks.items()})
         self.lora_tasks_B = nnx.Dict({t: nnx.Param(jnp.zeros((r, out_features)))
                                       for t, r in task_ranks.items()})
-      self.dropout = nnx.Dropout(dropout, rngs=rngs)
+      self.dropout = layers.Dropout(dropout, rngs=rngs)
 
   def _delta(self, x: jax.Array, a: nnx.Param, b: nnx.Param, scale: float) -> jax.Array:
     """((x A) B) * scale, in the reference's evaluation order."""
