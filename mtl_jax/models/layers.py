@@ -210,7 +210,8 @@ class Dropout(nnx.Dropout):
   activation for a per-sample drop-path mask (~0.6 s of a 7 s Swin-T train step), and into the
   forward select, the backward select and the LoRA-A weight-gradient operand of each LoRA dropout
   (~3.7 times per mask; `optimization_barrier` does not help: XLA:CPU removes it before fusion;
-  docs/stack.md §12). The price is one float32 mask per call kept for the backward.
+  docs/stack.md §12). The price is one float32 mask kept for the backward, so on GPU/TPU (integer
+  hashing is cheap there, memory is not) a full-size mask stays nnx.Dropout's 1-byte one.
   """
 
   def _mask_shape(self, inputs: jax.Array) -> tuple[int, ...]:
@@ -221,7 +222,10 @@ class Dropout(nnx.Dropout):
     off = self.deterministic if deterministic is None else deterministic
     if off or self.rate == 0.0:
       return inputs
-    ones = jnp.ones(self._mask_shape(inputs), jnp.float32)
+    shape = self._mask_shape(inputs)
+    if math.prod(shape) == inputs.size and jax.default_backend() != 'cpu':
+      return super().__call__(inputs, deterministic=False, rngs=rngs)
+    ones = jnp.ones(shape, jnp.float32)
     mask = jnp.sqrt(super().__call__(ones, deterministic=False, rngs=rngs)) > 0
     return jax.lax.select(jnp.broadcast_to(mask, inputs.shape), inputs / (1.0 - self.rate),
                           jnp.zeros_like(inputs))
