@@ -209,7 +209,7 @@ class Dropout(nnx.Dropout):
   XLA:CPU fused the hash into every consumer of the mask: into the elementwise loop over the whole
   activation for a per-sample drop-path mask (~0.6 s of a 7 s Swin-T train step), and into the
   forward select, the backward select and the LoRA-A weight-gradient operand of each LoRA dropout
-  (~3.7 times per mask; `optimization_barrier` does not help: XLA:CPU removes it before fusion;
+  (~2.6 times per mask; `optimization_barrier` does not help: XLA:CPU removes it before fusion;
   docs/stack.md §12). The price is one float32 mask kept for the backward, so on GPU/TPU (integer
   hashing is cheap there, memory is not) a full-size mask stays nnx.Dropout's 1-byte one.
   """
